@@ -1,0 +1,64 @@
+"""The image encoder: an open_clip vision tower returning patch tokens.
+
+    enc = VisionEncoder(VisionConfig(model_name="ViT-B-32", pretrained="openai"))
+    tokens = enc(images)  # (B, 3, 224, 224) -> (B, 49, 768)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import open_clip
+import torch
+from torch import nn
+
+from vlm_dist.config import OPEN_CLIP_CONFIG_DIR, VisionConfig
+
+
+def _register_configs() -> None:
+    if "vlm-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
+
+
+def build_vision_tower(cfg: VisionConfig) -> nn.Module:
+    """open_clip's own model factory (and its weight loading), keeping only the visual tower.
+
+    `cfg.pretrained` is an open_clip pretrained tag (downloaded or from the hub cache) or the path of
+    a local open_clip checkpoint (a state dict, optionally under "state_dict", as open_clip_train
+    writes it); open_clip loads either strictly into the full CLIP model, whose `.visual` we keep.
+    """
+    _register_configs()
+    try:
+        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, output_dict=False)
+    except Exception as err:  # open_clip raises RuntimeError / HF errors with varying types
+        where = "a local checkpoint file" if cfg.pretrained and "/" in cfg.pretrained else "the hub"
+        raise RuntimeError(
+            f"could not build vision tower {cfg.model_name!r} with pretrained={cfg.pretrained!r} from {where}: "
+            f"{err}\nOffline? Pass the path of a local open_clip checkpoint as model.vision.pretrained, "
+            f"or set model.vision.pretrained=null for random weights."
+        ) from err
+    tower = clip.visual
+    tower.output_tokens = True
+    tower.proj = None  # the pooled CLIP embedding is not used: drop its projection (no unused parameters)
+    return tower
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tower = build_vision_tower(cfg)
+        self.frozen = cfg.freeze
+        if self.frozen:
+            self.tower.requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.geometry["width"]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> patch tokens (B, P, W_vision); no graph is built when frozen."""
+        ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
+        with ctx:
+            _, tokens = self.tower(images)
+        return tokens

@@ -1,0 +1,145 @@
+"""The vision-language model: open_clip vision tower -> linear projector -> causal decoder -> LM head
+(+ multi-token heads). Builds from a ModelConfig alone; imports torch and open_clip only.
+
+    model = VLM(load_config("tiny").model)
+    out = model(images, input_ids, targets)            # training: out["loss"], out["head_losses"]
+    cache = model.new_cache(batch=B)                   # generation: KV-cached incremental decoding
+    logits = model.step(input_ids[:, :1], cache, images=images)   # prefill with the image
+    logits = model.step(next_ids, cache)               # then one (or a few) tokens at a time
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlm_dist.config import ModelConfig
+from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
+from vlm_dist.model.heads import ExtraHeads
+from vlm_dist.model.vision import VisionEncoder
+from vlm_dist.text import IGNORE_INDEX, get_tokenizer
+
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size = vocab_size or get_tokenizer().vocab_size
+        D = cfg.d_model
+        self.vision = VisionEncoder(cfg.vision)
+        self.projector = nn.Linear(self.vision.width, D)  # (B, P, W_vision) -> (B, P, D)
+        self.tok_emb = nn.Embedding(vocab_size, D)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attention) for _ in range(cfg.n_layers)
+        )
+        self.norm = nn.LayerNorm(D)
+        self.extra_heads = ExtraHeads(cfg)
+        self.lm_head = nn.Linear(D, vocab_size, bias=False)
+        self._init_decoder_weights()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_decoder_weights(self) -> None:
+        """Normal(0, init_std) for decoder linears/embeddings; residual output layers scaled by
+        1/sqrt(2 * depth) (GPT-2). The vision tower keeps open_clip's init or its loaded weights."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if name.startswith("vision"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        depth = self.cfg.n_layers + self.cfg.n_future - 1
+        for block in [*self.blocks, *self.extra_heads.blocks]:
+            nn.init.normal_(block.attn.out.weight, std=std / math.sqrt(2 * depth))
+            nn.init.normal_(block.mlp[2].weight, std=std / math.sqrt(2 * depth))
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.cfg.n_image_tokens
+
+    def embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """[projected image tokens ; token embeddings] + sinusoidal positions from `offset`: (B, S, D)."""
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        if images is not None:
+            img = self.projector(self.vision(images.to(self.projector.weight.dtype)))  # (B, P, D)
+            x = torch.cat([img, x], dim=1)
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
+        return x + sinusoidal_positions(pos, x.shape[-1]).to(x.dtype)
+
+    def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Causal blocks over x (B, S, D) -> last hidden state (B, S, D), before the final norm."""
+        for i, block in enumerate(self.blocks):
+            if self.cfg.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
+        return x
+
+    def head_states(self, h: torch.Tensor, cache: KVCache | None = None) -> list[torch.Tensor]:
+        """One normalised (B, T, D) state per head: next token first, then t+2 .. t+n_future."""
+        return [self.norm(h), *self.extra_heads(h, cache, first_layer=self.cfg.n_layers)]
+
+    # --- training / teacher-forced forward ---------------------------------------------------
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = False) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W), input_ids (B, T), targets (B, n_future, T) with IGNORE_INDEX where unused.
+
+        Returns `loss` (weighted sum of head losses), `head_losses` (n_future,) and, when asked or when
+        no targets are given, `logits` (B, n_future, T, V) over the text positions. Each head's loss is
+        the mean over samples of the sample's mean token cross-entropy, so it is the same whether a
+        global batch is split across ranks or accumulation steps or not.
+        """
+        P = self.n_image_tokens
+        h = self.trunk(self.embed(images, input_ids))  # (B, P+T, D)
+        states = [s[:, P:] for s in self.head_states(h)]  # text positions only: (B, T, D) per head
+        out: dict[str, torch.Tensor] = {}
+        if return_logits or targets is None:
+            out["logits"] = torch.stack([self.lm_head(s) for s in states], dim=1)  # (B, n_future, T, V)
+        if targets is not None:
+            losses = torch.stack([self._head_loss(s, targets[:, k]) for k, s in enumerate(states)])
+            weights = torch.tensor(self.cfg.head_weights, dtype=losses.dtype, device=losses.device)
+            out["head_losses"] = losses.detach()
+            out["loss"] = (weights * losses).sum()
+        return out
+
+    def _head_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over samples of mean CE over the sample's valid targets; the unembedding runs only on
+        valid positions (the vocabulary projection is the costliest matmul at this model size)."""
+        B = target.shape[0]
+        valid = target != IGNORE_INDEX  # (B, T)
+        rows = valid.nonzero(as_tuple=True)[0]  # sample of each valid position
+        logits = self.lm_head(state[valid]).float()  # (N, V)
+        ce = F.cross_entropy(logits, target[valid], reduction="none")  # (N,)
+        per_sample = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+        counts = valid.sum(dim=1).clamp(min=1)
+        return (per_sample / counts).mean()
+
+    # --- incremental decoding ----------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        cfg = self.cfg
+        return KVCache(cfg.n_layers + cfg.n_future - 1, batch, cfg.n_heads, cfg.d_model // cfg.n_heads,
+                       max_len or cfg.max_seq_len, p.dtype, p.device)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed input_ids (B, T) after what `cache` holds (the image too, on the first call) and return
+        logits (B, n_future, T, V) for these T positions; the cache grows by T (+ image tokens)."""
+        if (images is not None) != (cache.length == 0):
+            raise ValueError("pass images on the first step (empty cache) and only then")
+        x = self.embed(images, input_ids, offset=cache.length)
+        states = self.head_states(self.trunk(x, cache), cache)  # heads see image positions too, as in forward
+        cache.advance(x.shape[1])
+        T = input_ids.shape[1]
+        return torch.stack([self.lm_head(s[:, -T:]) for s in states], dim=1)
