@@ -94,7 +94,8 @@ class VLM(nn.Module):
                 return_logits: bool = False) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W), input_ids (B, T), targets (B, n_future, T) with IGNORE_INDEX where unused.
 
-        Returns `loss` (weighted sum of head losses), `head_losses` (n_future,) and, when asked or when
+        Returns `loss` (weighted sum of head losses), `head_losses` (n_future,), `sample_losses`
+        (B, n_future, detached, for evaluation) and, when asked or when
         no targets are given, `logits` (B, n_future, T, V) over the text positions. Each head's loss is
         the mean over samples of the sample's mean token cross-entropy, so it is the same whether a
         global batch is split across ranks or accumulation steps or not.
@@ -106,23 +107,24 @@ class VLM(nn.Module):
         if return_logits or targets is None:
             out["logits"] = torch.stack([self.lm_head(s) for s in states], dim=1)  # (B, n_future, T, V)
         if targets is not None:
-            losses = torch.stack([self._head_loss(s, targets[:, k]) for k, s in enumerate(states)])
-            weights = torch.tensor(self.cfg.head_weights, dtype=losses.dtype, device=losses.device)
-            out["head_losses"] = losses.detach()
-            out["loss"] = (weights * losses).sum()
+            per_sample = torch.stack([self._sample_losses(s, targets[:, k]) for k, s in enumerate(states)], 1)  # (B, n)
+            weights = torch.tensor(self.cfg.head_weights, dtype=per_sample.dtype, device=per_sample.device)
+            head_losses = per_sample.mean(dim=0)  # (n_future,)
+            out["loss"] = (weights * head_losses).sum()
+            out["head_losses"] = head_losses.detach()
+            out["sample_losses"] = per_sample.detach()
         return out
 
-    def _head_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean over samples of mean CE over the sample's valid targets; the unembedding runs only on
-        valid positions (the vocabulary projection is the costliest matmul at this model size)."""
+    def _sample_losses(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean CE over the sample's valid targets (0 where it has none): (B,). The
+        unembedding runs only on valid positions (the costliest matmul at this model size)."""
         B = target.shape[0]
         valid = target != IGNORE_INDEX  # (B, T)
         rows = valid.nonzero(as_tuple=True)[0]  # sample of each valid position
         logits = self.lm_head(state[valid]).float()  # (N, V)
         ce = F.cross_entropy(logits, target[valid], reduction="none")  # (N,)
         per_sample = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
-        counts = valid.sum(dim=1).clamp(min=1)
-        return (per_sample / counts).mean()
+        return per_sample / valid.sum(dim=1).clamp(min=1)
 
     # --- incremental decoding ----------------------------------------------------------------
 

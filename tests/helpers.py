@@ -1,0 +1,69 @@
+"""Shared test helpers: small demo shards, and starting trainer ranks as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_demo_shards(root: Path, n_train: int = 64, n_val: int = 16, shard_size: int = 16) -> Path:
+    """The demo set, sharded with shard-coco: root/shards/{train,val}."""
+    from vlm_dist.data.demo import make_demo_data
+    from vlm_dist.data.shard import shard_coco
+
+    for name, paths in make_demo_data(root, n_train, n_val, seed=0, side=32).items():
+        shard_coco(paths["images"], [paths["captions"]], root / "shards" / name, vqa_questions=paths["vqa_questions"],
+                   vqa_annotations=paths["vqa_annotations"], split=name, shard_size=shard_size, progress=False)
+    return root / "shards"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    env.update(extra)
+    return env
+
+
+def run_ranks(args: list[str], world: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Start `python -m vlm_dist.train ARGS` once per rank, torchrun-style (RANK/WORLD_SIZE/... set)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = train_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "vlm_dist.train", *args], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, None))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} failed ({r.returncode}):\n{r.stdout[-6000:]}"
+    return results
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}

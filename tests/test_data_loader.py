@@ -1,0 +1,216 @@
+"""The streaming loader: round trip, equal epochs across ranks, exact resume, safety, clear errors.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_data_loader.py
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm_dist.config import load_config
+from vlm_dist.data.demo import make_demo_data
+from vlm_dist.data.loader import ShardMismatchError, build_loader
+from vlm_dist.data.manifest import ShardSpecError
+from vlm_dist.data.shard import shard_coco
+from vlm_dist.data.tario import TarWriter, write_json_atomic
+from vlm_dist.text import IGNORE_INDEX, get_tokenizer, validate_targets
+
+N_TRAIN = 120
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """Demo set (120 images, ~660 questions) -> shard-coco (shards of 32: 32/32/32/24) + the truth."""
+    root = tmp_path_factory.mktemp("demo")
+    paths = make_demo_data(root, n_train=N_TRAIN, n_val=0, seed=5)["train"]
+    shard_coco(paths["images"], [paths["captions"]], root / "shards", vqa_questions=paths["vqa_questions"],
+               vqa_annotations=paths["vqa_annotations"], shard_size=32, progress=False, log=lambda m: None)
+    caps = {a["image_id"]: a["caption"] for a in json.loads(paths["captions"].read_text())["annotations"]}
+    answers = {a["question_id"]: a["multiple_choice_answer"]
+               for a in json.loads(paths["vqa_annotations"].read_text())["annotations"]}
+    qa = {}
+    for q in json.loads(paths["vqa_questions"].read_text())["questions"]:
+        qa.setdefault(q["image_id"], {})[q["question"]] = answers[q["question_id"]]
+    return {"shards": str(root / "shards"), "captions": caps, "qa": qa, "root": root}
+
+
+def cfg_with(*overrides: str):
+    return load_config("tiny", ["data.shuffle_buffer=16", *overrides])
+
+
+def run(loader) -> list[dict]:
+    return list(loader)
+
+
+def flat(batches: list[dict], field: str) -> list:
+    return [x for b in batches for x in b[field]]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x["keys"] == y["keys"] and x["kinds"] == y["kinds"] and torch.equal(x["input_ids"], y["input_ids"])
+        and torch.equal(x["targets"], y["targets"]) and torch.equal(x["images"], y["images"])
+        and torch.equal(x["is_pad"], y["is_pad"]) for x, y in zip(a, b))
+
+
+def test_round_trip_two_ranks_two_workers_every_image_once(demo):
+    cfg = cfg_with()
+    tok = get_tokenizer()
+    loaders = [build_loader(cfg, demo["shards"], rank=r, world_size=2, micro_batch=4, train=True, num_workers=2)
+               for r in range(2)]
+    per_rank = [run(loader) for loader in loaders]
+    assert [len(b) for b in per_rank] == [loaders[0].batches_per_epoch] * 2 == [16, 16]  # 4 slots x 32 / 4
+    seen = [i for batches in per_rank for b in batches for i, pad in zip(b["image_ids"], b["is_pad"]) if not pad]
+    assert sorted(seen) == sorted(demo["captions"])  # every image exactly once across ranks
+    pads = sum(int(b["is_pad"].sum()) for batches in per_rank for b in batches)
+    assert pads == 4 * 32 - N_TRAIN == sum(ld.stats["pad_samples"] for ld in loaders)
+    assert sum(ld.stats["planned_pad_rank"] for ld in loaders) == pads
+    kinds = flat(per_rank[0] + per_rank[1], "kinds")
+    assert 0.3 < kinds.count("qa") / len(kinds) < 0.7  # qa_fraction = 0.5
+    for b in per_rank[0] + per_rank[1]:
+        assert b["images"].shape == (4, 3, 32, 32) and b["images"].dtype == torch.float32
+        assert b["input_ids"].shape == (4, 23) and b["targets"].shape == (4, 2, 23)
+        validate_targets(b["input_ids"], b["targets"], tok.vocab_size)
+        for j, (iid, kind, q, refs) in enumerate(zip(b["image_ids"], b["kinds"], b["questions"], b["references"])):
+            labels = [t for t in b["targets"][j, 0].tolist() if t != IGNORE_INDEX]
+            target_text = tok.decode(labels)  # what the loss trains on (the end token stops decode)
+            if kind == "caption":
+                assert q is None and refs == [demo["captions"][iid]] and target_text == refs[0]
+                text = refs[0]
+            else:
+                assert refs == [demo["qa"][iid][q]] and target_text == refs[0]
+                text = f"question: {q} answer: {refs[0]}"
+            assert tok.decode(b["input_ids"][j]) == tok.decode(tok.encode(text))  # the whole input, prompt included
+
+
+def test_exact_resume_and_determinism_with_workers(demo):
+    cfg = cfg_with()
+    loader = build_loader(cfg, demo["shards"], rank=1, world_size=2, micro_batch=4, train=True, num_workers=2)
+    loader.set_epoch(1)
+    full = run(loader)
+    loader.set_epoch(1)
+    assert same_batches(run(loader), full)  # a pure function of (seed, epoch, rank, ...)
+    for k in (5, 8):  # odd and even: resumes on either worker
+        loader.set_epoch(1, skip_batches=k)
+        assert same_batches(run(loader), full[k:])
+    loader.set_epoch(2)
+    assert flat(run(loader), "keys") != flat(full, "keys")  # a new order each epoch
+    in_process = build_loader(cfg, demo["shards"], rank=1, world_size=2, micro_batch=4, train=True, num_workers=0)
+    in_process.set_epoch(1, skip_batches=3)
+    tail = run(in_process)
+    in_process.set_epoch(1)
+    assert same_batches(run(in_process)[3:], tail)
+
+
+def test_per_sample_choice_does_not_depend_on_the_stream(demo):
+    """Caption vs question is seeded by (seed, epoch, key): the same under any world size / worker count."""
+    cfg = cfg_with()
+    one = run(build_loader(cfg, demo["shards"], rank=0, world_size=1, micro_batch=8, train=True, num_workers=0))
+    three = [run(build_loader(cfg, demo["shards"], rank=r, world_size=3, micro_batch=4, train=True, num_workers=0))
+             for r in range(3)]
+
+    def choices(batches):
+        return {k: (kind, q, ids.tolist()) for b in batches
+                for k, kind, q, ids, pad in zip(b["keys"], b["kinds"], b["questions"], b["input_ids"], b["is_pad"])
+                if not pad}
+
+    merged = {}
+    for batches in three:
+        merged.update(choices(batches))
+    assert merged == choices(one) and len(merged) == N_TRAIN
+
+
+def repack(demo: dict, out: Path, sizes: list[int], extra: dict[str, bytes] | None = None) -> str:
+    """Write the demo samples into shards of the given sizes (+ extra members per sample) with a manifest."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(Path(demo["shards"]).glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    keys = sorted(samples)
+    out.mkdir(parents=True)
+    entries, start = [], 0
+    for i, n in enumerate(sizes):
+        with TarWriter(out / f"part-{i:05d}.tar") as w:
+            for key in keys[start : start + n]:
+                for ext, data in sorted({**samples[key], **(extra or {})}.items()):
+                    w.add(f"{key}.{ext}", data)
+        entries.append({"name": f"part-{i:05d}.tar", "samples": n})
+        start += n
+    write_json_atomic(out / "manifest.json", {"split": "train", "shards": entries})
+    return str(out / f"part-{{00000..{len(sizes) - 1:05d}}}.tar")
+
+
+@pytest.mark.parametrize("sizes,world,workers,micro", [([5, 37, 2, 21], 3, 2, 4), ([10], 3, 2, 4), ([3], 2, 2, 2)])
+def test_equal_batches_with_uneven_and_few_shards(demo, tmp_path, sizes, world, workers, micro):
+    pattern = repack(demo, tmp_path / "uneven", sizes)
+    cfg = cfg_with()
+    loaders = [build_loader(cfg, pattern, rank=r, world_size=world, micro_batch=micro, train=True,
+                            num_workers=workers) for r in range(world)]
+    per_rank = [run(ld) for ld in loaders]
+    assert {len(b) for b in per_rank} == {loaders[0].batches_per_epoch}  # same count on every rank
+    real = [k for batches in per_rank for b in batches for k, p in zip(b["keys"], b["is_pad"]) if not p]
+    assert len(real) == len(set(real)) == sum(sizes)  # every sample once, even with fewer shards than slots
+    pads = sum(ld.stats["pad_samples"] for ld in loaders)
+    assert pads == world * loaders[0].samples_per_epoch - sum(sizes) == sum(ld.stats["planned_pad_rank"] for ld in loaders)
+
+
+def test_pickle_members_are_never_unpickled(demo, tmp_path):
+    class Touch:
+        def __init__(self, path):
+            self.path = path
+
+        def __reduce__(self):
+            return (Path.touch, (Path(self.path),))
+
+    armed = tmp_path / "armed"
+    pickle.loads(pickle.dumps(Touch(armed)))
+    assert armed.exists()  # the payload really does act when unpickled
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Touch(marker))
+    pattern = repack(demo, tmp_path / "evil", [20, 20],
+                     extra={"pyd": payload, "pickle": payload, "pth": payload, "npy": payload})
+    batches = run(build_loader(cfg_with(), pattern, rank=0, world_size=1, micro_batch=4, train=False, num_workers=2))
+    assert sum(len(b["keys"]) for b in batches) == 40 and not marker.exists()
+
+
+def test_eval_order_is_unshuffled_and_resampled_mode_is_endless_and_resumable(demo):
+    ev = run(build_loader(cfg_with(), demo["shards"], rank=0, world_size=1, micro_batch=8, train=False, num_workers=0))
+    assert flat(ev, "keys") == sorted(flat(ev, "keys"))
+    cfg = cfg_with("data.resampled=true")
+    loader = build_loader(cfg, demo["shards"], rank=0, world_size=2, micro_batch=4, train=True, num_workers=2)
+    bpe = loader.batches_per_epoch
+    loader.set_epoch(0)
+    stream = list(islice(iter(loader), 2 * bpe + 3))  # runs past the end of virtual epoch 0 and 1
+    assert not any(b["is_pad"].any() for b in stream)
+    for k in (bpe + 2, bpe + 3):  # into the second virtual epoch, resuming on either worker
+        loader.set_epoch(0, skip_batches=k)
+        assert same_batches(list(islice(iter(loader), 2 * bpe + 3 - k)), stream[k:])
+    loader.set_epoch(1)
+    assert same_batches(list(islice(iter(loader), 3)), stream[bpe : bpe + 3])
+
+
+def test_clear_errors(demo, tmp_path):
+    cfg = cfg_with()
+    with pytest.raises(ShardSpecError, match="matches no files.*shard-coco"):
+        build_loader(cfg, str(tmp_path / "nothing-{00000..00003}.tar"), rank=0, world_size=1, micro_batch=2, train=True)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ShardSpecError, match="no manifest.json in .*shard-coco"):
+        build_loader(cfg, str(tmp_path / "bare"), rank=0, world_size=1, micro_batch=2, train=True)
+    pattern = repack(demo, tmp_path / "short", [6, 6])
+    manifest = json.loads((tmp_path / "short" / "manifest.json").read_text())
+    manifest["shards"][1]["samples"] = 9  # the tar holds 6
+    (tmp_path / "short" / "manifest.json").write_text(json.dumps(manifest))
+    loader = build_loader(cfg, pattern, rank=0, world_size=1, micro_batch=3, train=False, num_workers=0)
+    with pytest.raises(ShardMismatchError, match="part-00001.tar ended after 6 samples"):
+        run(loader)
+    with pytest.raises(ValueError, match="skip_batches=99"):
+        loader.set_epoch(0, skip_batches=99)

@@ -1,0 +1,12 @@
+"""Shard COCO for training: the same code as `vlm-dist shard-coco` (see its --help).
+
+    python tools/shard_coco.py --images coco/train2017 --ann coco/annotations/captions_train2017.json \\
+        --out shards/train --workers 8
+"""
+
+import sys
+
+from vlm_dist.cli import app
+
+if __name__ == "__main__":
+    app(["shard-coco", *sys.argv[1:]], prog_name="shard_coco.py")

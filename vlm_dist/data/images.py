@@ -1,0 +1,120 @@
+"""Image checks for the shard writer and fast decoding for the loader.
+
+    from vlm_dist.data.images import check_image, ImageReject
+    ok = check_image(raw_bytes, name="000000391895.jpg", resize=None)   # -> CheckedImage
+
+The writer keeps a file's JPEG bytes untouched when they are a readable 8-bit RGB JPEG and no resize
+is asked for. Anything else readable (grayscale, CMYK, palette, alpha, PNG/GIF/WebP bytes, whatever
+the file is named) is converted to an RGB JPEG and the reason is recorded. Zero-byte, unidentifiable,
+corrupt or truncated files are rejected (ImageReject with a reason code), as are high-bit-depth modes
+whose 8-bit rendering would be a guess.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+JPEG_QUALITY = 95
+# 16-bit / 32-bit integer and float images: no canonical 8-bit RGB rendering, so refuse them.
+REFUSED_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "1": "1-bit", "P": "palette", "PA": "palette+alpha",
+              "CMYK": "CMYK", "RGBA": "RGBA", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV", "RGB": "RGB"}
+
+
+class ImageReject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class CheckedImage:
+    data: bytes  # the JPEG bytes to store
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    converted: str | None  # why the bytes were re-encoded (None = original bytes kept)
+    resized: bool
+
+
+def _load(raw: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open and fully decode; map PIL's failures to reject reasons."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncated images would pass unnoticed")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            if draft is not None:
+                img.draft("RGB", draft)
+            img.load()
+        return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReject("image_too_large", str(err)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        msg = str(err)
+        reason = "truncated_image" if "truncated" in msg or isinstance(err, EOFError) else "corrupt_image"
+        raise ImageReject(reason, msg or type(err).__name__) from None
+
+
+def check_image(raw: bytes, name: str = "", resize: int | None = None) -> CheckedImage:
+    """Verify, convert if needed and optionally downscale (shorter side to `resize`) one image file."""
+    if not raw:
+        raise ImageReject("empty_file", "zero-byte file")
+    try:
+        probe = Image.open(io.BytesIO(raw))
+        fmt, mode, (w, h) = probe.format, probe.mode, probe.size
+        probe.verify()  # structure/CRC checks without decoding pixels
+    except UnidentifiedImageError:
+        raise ImageReject("unreadable_image", "not an image format PIL can identify") from None
+    except Image.DecompressionBombError as err:
+        raise ImageReject("image_too_large", str(err)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = "truncated_image" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt_image"
+        raise ImageReject(reason, f"verify failed: {err}") from None
+    if mode in REFUSED_MODES:
+        raise ImageReject("unsupported_mode", f"{fmt} in mode {mode} (high bit depth); convert it to 8-bit RGB first")
+    needs_resize = resize is not None and min(w, h) > resize
+    if fmt == "JPEG" and mode == "RGB" and not needs_resize:
+        # Decode at 1/8 scale: every byte of the entropy-coded data is still read, so truncation shows.
+        _load(raw, draft=(max(1, w // 8), max(1, h // 8)))
+        return CheckedImage(raw, w, h, w, h, None, False)
+
+    img = _load(raw, draft=(resize, resize) if needs_resize and fmt == "JPEG" else None)
+    reasons = []
+    if fmt != "JPEG":
+        named = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        reasons.append(f"{fmt} bytes named .{named}" if named in ("jpg", "jpeg") else f"{fmt} -> JPEG")
+    if mode != "RGB":
+        reasons.append(f"{MODE_NAMES.get(mode, mode)} ({mode}) -> RGB")
+    img = _to_rgb(img)
+    if needs_resize:
+        scale = resize / min(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return CheckedImage(buf.getvalue(), img.width, img.height, w, h, "; ".join(reasons) or None, needs_resize)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(raw: bytes, size: int) -> Image.Image:
+    """Loader-side decode: JPEG draft mode (DCT scaling) when the image is at least twice the target,
+    so a 640x480 COCO image decodes at 320x240 for a 224 tower; then RGB."""
+    img = Image.open(io.BytesIO(raw))
+    if min(img.size) >= 2 * size:
+        img.draft("RGB", (size, size))  # keeps both sides >= size; no-op for non-JPEG
+    return img.convert("RGB")

@@ -1,0 +1,110 @@
+"""Raw tar sample -> model inputs: decode (jpg/json/txt only), pick caption or Q&A, tokenize, batch.
+
+    prep = SamplePreparer(cfg, seed=0)
+    batch = collate([prep(raw, epoch=0) for raw in raws], prep)   # the dict described in loader.py
+
+Only the members named in WANTED are ever read from a tar (selected by name before their bytes are
+loaded), so a `.pyd` / `.pickle` / `.pth` member is never unpickled, or even read. The per-sample
+choice (caption vs question, which caption, which question) comes from an RNG seeded by
+(seed, epoch, sample key), never from stream state, so skipping samples cannot change it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from vlm_dist.config import RunConfig
+from vlm_dist.data.epochs import rng_for
+from vlm_dist.data.images import decode_rgb
+from vlm_dist.text import Example, build_example, collate_examples, get_tokenizer, make_targets
+
+WANTED = frozenset({"jpg", "json", "txt"})
+
+
+def wanted_member(fname: str) -> bool:
+    """webdataset `select_files` predicate: keep KEY.jpg / KEY.json / KEY.txt, skip everything else."""
+    base = fname.rsplit("/", 1)[-1]
+    return "." in base and base.split(".", 1)[1].lower() in WANTED
+
+
+class SamplePreparer:
+    """Callable turning one raw webdataset sample (bytes per extension) into one prepared sample."""
+
+    def __init__(self, cfg: RunConfig, seed: int):
+        import open_clip
+
+        self.image_size = cfg.model.vision.geometry["image_size"]
+        self.transform = open_clip.image_transform(self.image_size, is_train=False)
+        self.tok = get_tokenizer()
+        self.max_len = cfg.data.max_text_len
+        self.n_future = cfg.model.n_future
+        self.qa_fraction = cfg.data.qa_fraction
+        self.seed = seed
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        key, url = raw["__key__"], raw.get("__url__")
+        if "jpg" not in raw or "json" not in raw:
+            raise ValueError(f"sample {key!r} in {url} lacks a .jpg or .json member; shards must be written by "
+                             f"`vlm-dist shard-coco` (rerun it)")
+        meta = json.loads(raw["json"])
+        captions = list(meta.get("captions") or [])
+        if not captions and "txt" in raw:  # img2dataset-style shards: the caption lives in .txt
+            captions = [raw["txt"].decode("utf-8").strip()]
+        qa = list(meta.get("qa") or [])
+        if not captions and not qa:
+            raise ValueError(f"sample {key!r} in {url} has neither captions nor Q&A pairs")
+        rng = rng_for("sample", self.seed, epoch, key)
+        use_qa = rng.random() < self.qa_fraction
+        if qa and (use_qa or not captions):
+            pair = qa[rng.randrange(len(qa))]
+            kind, question, target, refs = "qa", pair["question"], pair["answer"], [pair["answer"]]
+        else:
+            kind, question, target, refs = "caption", None, captions[rng.randrange(len(captions))], captions
+        example, question = self._example(target, question, captions, rng)
+        if question is None and kind == "qa":  # the question did not fit: fell back to a caption
+            kind, refs = "caption", captions
+        image = self.transform(decode_rgb(raw["jpg"], self.image_size))  # (3, H, W) float32
+        return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
+                "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
+
+    def _example(self, target: str, question: str | None, captions: list[str], rng) -> tuple[Example, str | None]:
+        try:
+            return build_example(self.tok, target, self.max_len, question), question
+        except ValueError:
+            if question is None:
+                raise
+        if captions:  # the prompt leaves no room for the answer: use a caption of the same image instead
+            return build_example(self.tok, captions[rng.randrange(len(captions))], self.max_len), None
+        words = question.split()
+        while len(words) > 1:  # no caption to fall back on: shorten the question until the answer fits
+            words = words[:-1]
+            try:
+                return build_example(self.tok, target, self.max_len, " ".join(words)), " ".join(words)
+            except ValueError:
+                continue
+        raise ValueError(f"data.max_text_len={self.max_len} is too short for any question prompt; raise it")
+
+
+def collate(samples: list[dict], prep: SamplePreparer) -> dict:
+    """Stack prepared samples; text padded to the FIXED length max_text_len, so every batch has the
+    same shapes: input_ids (B, max_text_len-1), targets (B, n_future, max_text_len-1)."""
+    tokens, mask = collate_examples([s["example"] for s in samples], prep.tok.pad_id)  # (B, L') with L' <= max_len
+    extra = prep.max_len - tokens.shape[1]
+    tokens = F.pad(tokens, (0, extra), value=prep.tok.pad_id)  # (B, max_len)
+    mask = F.pad(mask, (0, extra), value=False)
+    input_ids, targets = make_targets(tokens, mask, prep.n_future)
+    return {
+        "images": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W) float32
+        "input_ids": input_ids,  # (B, T) long, T = max_text_len - 1
+        "targets": targets,  # (B, n_future, T) long, IGNORE_INDEX where no target
+        "keys": [s["key"] for s in samples],
+        "image_ids": [s["image_id"] for s in samples],
+        "kinds": [s["kind"] for s in samples],
+        "questions": [s["question"] for s in samples],
+        "references": [s["references"] for s in samples],
+        "is_pad": torch.tensor([s["is_pad"] for s in samples], dtype=torch.bool),  # (B,)
+        "truncated": torch.tensor([s["example"].truncated for s in samples], dtype=torch.bool),  # (B,)
+    }

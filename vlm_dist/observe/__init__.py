@@ -1,0 +1,1 @@
+"""Rank-0 observability: TensorBoard, metrics.jsonl, console progress."""

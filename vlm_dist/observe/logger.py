@@ -1,0 +1,75 @@
+"""The run logger. Rank gating lives here and only here: `make_logger` gives rank 0 a logger that
+writes TensorBoard events (RUN/tb/), RUN/metrics.jsonl and a console progress bar; every other rank
+gets a NullLogger whose methods do nothing. Warnings from any rank still go to stderr (`warn`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class NullLogger:
+    def scalars(self, step: int, values: dict[str, float], split: str = "train") -> None: ...
+    def info(self, message: str) -> None: ...
+    def progress(self, step: int, total: int, **fields: Any) -> None: ...
+    def close(self) -> None: ...
+
+    @staticmethod
+    def warn(message: str) -> None:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+class RunLogger(NullLogger):
+    def __init__(self, run_dir: Path, tensorboard: bool, total_steps: int, start_step: int = 0) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stdout, disable=None)  # disable=None: no bar when stdout is not a terminal
+        self._last_print = 0.0
+
+    def scalars(self, step: int, values: dict[str, float], split: str = "train") -> None:
+        record = {"step": step, "split": split, "time": round(time.time(), 3)}
+        for key, value in values.items():
+            value = float(value)
+            record[key] = value if math.isfinite(value) else str(value)
+            if self.tb is not None:
+                self.tb.add_scalar(f"{split}/{key}", value, step)
+        self.jsonl.write(json.dumps(record) + "\n")
+
+    def info(self, message: str) -> None:
+        tqdm.write(message, file=sys.stdout)
+
+    def progress(self, step: int, total: int, **fields: Any) -> None:
+        """Advance the bar to `step`; without a terminal, print a line at most every 10 s and at the end."""
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        if self.bar.disable:
+            now = time.monotonic()
+            if now - self._last_print >= 10 or step == total:
+                self._last_print = now
+                print(f"step {step}/{total} {text}", flush=True)
+            return
+        self.bar.set_postfix_str(text, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def make_logger(rank: int, run_dir: Path, tensorboard: bool, total_steps: int, start_step: int = 0) -> NullLogger:
+    return RunLogger(run_dir, tensorboard, total_steps, start_step) if rank == 0 else NullLogger()
