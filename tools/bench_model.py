@@ -10,24 +10,27 @@ random images (B, 3, S, S) with S = the vision tower's image size, and captions 
 and per-head targets with `make_targets`, so padding and IGNORE_INDEX positions look like real data.
 The decoder sequence is image tokens + max_text_len - 1 text tokens (demo: 16 + 31 = 47, base: 49 + 31 = 80).
 
-1. Attention kernel. Two models built from the same preset and the same weights, one with
-   model.attention=sdpa and one with model.attention=explicit, each with its own AdamW, are stepped
-   on the same batch alternately (A B A B ...) after one untimed warm-up step each, so drift in machine
-   load hits both alike. Reported: median step time of each (min..max) and explicit/SDPA, the ratio of
-   the medians (> 1 means SDPA is faster).
+1. Attention kernel. Three models are built from the preset with the same weights, each with its own
+   AdamW: as the preset trains (SDPA, the preset's checkpointing setting), the same with
+   model.attention=explicit, and the same with activation checkpointing flipped. After one untimed
+   warm-up step each they are stepped in turn (A B C A B C ...) on the same batch, so drift in the
+   machine's load hits all alike. Reported: median step time (min..max) of each, and the ratios
+   explicit/SDPA and checkpointing on/off, of the medians and of the minima (> 1: SDPA resp. no
+   checkpointing is faster).
 
-2. Activation checkpointing. Each setting runs in a fresh subprocess (so one run's allocator state
-   cannot hide the other's peak) with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=65536):
-   every tensor above 64 KiB is its own mmap and goes back to the OS when freed, so the resident set
-   size (RSS) follows live tensor memory. Two numbers, both read from /proc/self/status:
-     - first-step peak: VmHWM (peak RSS) during the first step minus VmRSS just before it; includes
-       the gradients and the AdamW state that the first step allocates, plus activations;
-     - step peak: after the first step, VmHWM is reset (`echo 5 > /proc/self/clear_refs`), then the
-       timed steps run (grads kept, zero_grad(set_to_none=False)); peak minus the RSS at the reset is
-       the transient memory of a steady-state step: activations saved for backward + temporaries.
-       This is the number activation checkpointing is meant to shrink.
-   On a GPU the same two numbers come from torch.cuda.max_memory_allocated (reset_peak_memory_stats
-   at the same points), and times from torch.cuda.synchronize around each step.
+2. Activation checkpointing, memory. Each setting (off, on) runs in a fresh subprocess, before the
+   parent builds any model, so one run's allocator state cannot hide the other's peak; glibc's mmap
+   threshold is pinned there (MALLOC_MMAP_THRESHOLD_=65536) so every buffer above 64 KiB is its own
+   mmap and goes back to the OS when freed: the resident set size (RSS) then follows live memory.
+   Read from /proc/self/status (VmRSS; VmHWM = peak RSS, reset with `echo 5 > /proc/self/clear_refs`):
+     - step-1 peak: peak RSS during the first step minus RSS just before it; includes the gradients
+       and AdamW state that the first step allocates, plus activations;
+     - fwd+bwd peak: in later steps (gradients kept, zero_grad(set_to_none=False)), peak RSS during
+       forward + backward minus RSS before it: activations saved for backward, the logits and their
+       gradient, and temporaries. This is what activation checkpointing is meant to shrink;
+     - AdamW step peak: the same around optimizer.step() alone (per-parameter temporaries).
+   On a GPU the same numbers come from torch.cuda.memory_allocated / max_memory_allocated
+   (reset_peak_memory_stats at the same points), and times use torch.cuda.synchronize.
 
 Timings on a shared 2-core machine are noisy: read the min..max spread next to each median.
 """
@@ -113,30 +116,45 @@ def param_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-# --- interleaved A/B timing (attention kernel, checkpointing step time) ---------------------------
+# --- interleaved timing: reference, explicit attention, flipped checkpointing ----------------------
 
-def bench_pair(preset: str, batch: int, repeats: int, device: torch.device, key: str, values: tuple) -> dict:
-    """Two models from one preset differing only in `key` (A = values[0], B = values[1]), same weights,
-    own AdamW each, stepped A B A B ... on one batch after an untimed warm-up step each."""
-    (a, b), models = values, {}
-    for value in values:
-        cfg, model, opt = build(preset, [f"{key}={value}"], device)
-        models[value] = (model, opt)
-    models[b][0].load_state_dict(models[a][0].state_dict())  # identical weights (equal by seed already)
-    data = make_batch(cfg, batch, models[a][0].vocab_size, device)
-    for model, opt in models.values():  # warm-up: allocates grads and AdamW state, warms kernels
-        train_step(model, opt, data, device)
-    times: dict = {a: [], b: []}
-    for _ in range(repeats):
-        for value, (model, opt) in models.items():
-            times[value].append(train_step(model, opt, data, device))
-    total, trainable = param_counts(models[a][0])
+def variants(preset: str) -> dict[str, list[str]]:
+    """The three models timed side by side: the preset as it trains (SDPA, its own checkpointing
+    setting), the same with explicit attention, and the same with checkpointing flipped."""
+    ckpt = load_config(preset, PRESET_OVERRIDES.get(preset, [])).model.activation_checkpointing
+    flag = lambda on: f"model.activation_checkpointing={str(on).lower()}"  # noqa: E731
     return {
-        "preset": preset, "batch": batch, "key": key, "a": str(a), "b": str(b), "repeats": repeats,
-        "seq_len": cfg.model.n_image_tokens + cfg.data.max_text_len - 1, "image_tokens": cfg.model.n_image_tokens,
-        "params": total, "trainable": trainable, "checkpointing": cfg.model.activation_checkpointing,
-        "attention": cfg.model.attention, "A": summary(times[a]), "B": summary(times[b]),
-        "b_over_a": statistics.median(times[b]) / statistics.median(times[a]),
+        "sdpa": ["model.attention=sdpa", flag(ckpt)],
+        "explicit": ["model.attention=explicit", flag(ckpt)],
+        "sdpa, ckpt flipped": ["model.attention=sdpa", flag(not ckpt)],
+    }
+
+
+def bench_group(preset: str, batch: int, repeats: int, device: torch.device) -> dict:
+    """Models differing only in the overrides of `variants`, with the same weights and one AdamW each,
+    stepped in turn (A B C A B C ...) on one batch after an untimed warm-up step each, so drift in the
+    machine's load hits every variant alike."""
+    models = {}
+    for name, overrides in variants(preset).items():
+        cfg, model, opt = build(preset, overrides, device)
+        models[name] = (cfg, model, opt)
+    ref_cfg, ref, _ = models["sdpa"]
+    for _, model, _ in models.values():
+        model.load_state_dict(ref.state_dict())  # identical weights (equal by seed already; made sure)
+    data = make_batch(ref_cfg, batch, ref.vocab_size, device)
+    for _, model, opt in models.values():  # warm-up: allocates grads and AdamW state, warms kernels
+        train_step(model, opt, data, device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, (_, model, opt) in models.items():
+            times[name].append(train_step(model, opt, data, device))
+    total, trainable = param_counts(ref)
+    return {
+        "preset": preset, "batch": batch, "repeats": repeats,
+        "seq_len": ref_cfg.model.n_image_tokens + ref_cfg.data.max_text_len - 1,
+        "image_tokens": ref_cfg.model.n_image_tokens, "params": total, "trainable": trainable,
+        "preset_checkpointing": ref_cfg.model.activation_checkpointing,
+        "variants": {name: {"overrides": variants(preset)[name], **summary(t)} for name, t in times.items()},
     }
 
 
@@ -200,14 +218,25 @@ def memory_worker(spec: dict) -> dict:
     train_step(model, opt, data, device)
     first_peak = probe.peak() - before
     resident = probe.current()  # + grads + AdamW state
-    can_reset = probe.reset_peak()
+    fwd_bwd, adamw = [], []  # steady state: grads kept (set_to_none=False), only transients come and go
     for _ in range(spec["steps"]):
-        train_step(model, opt, data, device, set_to_none=False)  # keep grads: only transients come and go
-    step_peak = probe.peak() - resident if can_reset else None
+        opt.zero_grad(set_to_none=False)
+        base = probe.current()
+        ok = probe.reset_peak()
+        model(*data)["loss"].backward()
+        sync(device)
+        fwd_bwd.append(probe.peak() - base if ok else None)
+        base = probe.current()
+        probe.reset_peak()
+        opt.step()
+        sync(device)
+        adamw.append(probe.peak() - base if ok else None)
+    fwd_bwd_peak = None if None in fwd_bwd else max(fwd_bwd) / MIB
+    opt_peak = None if None in adamw else max(adamw) / MIB
     return {
         **spec, "memory_method": probe.method, "threads": torch.get_num_threads(),
         "resident_before_mib": before / MIB, "resident_after_first_mib": resident / MIB,
-        "first_step_peak_mib": first_peak / MIB, "step_peak_mib": None if step_peak is None else step_peak / MIB,
+        "first_fwd_bwd_peak_mib": first_peak / MIB, "fwd_bwd_peak_mib": fwd_bwd_peak, "adamw_peak_mib": opt_peak,
     }
 
 
@@ -222,10 +251,11 @@ def memory_run(preset: str, batch: int, checkpointing: bool, steps: int, device:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_checkpointing(preset: str, batch: int, repeats: int, steps: int, device: torch.device) -> dict:
-    timing = bench_pair(preset, batch, repeats, device, "model.activation_checkpointing", (False, True))
-    memory = [memory_run(preset, batch, ckpt, steps, device) for ckpt in (False, True)]
-    return {"timing": timing, "memory": memory}
+def bench_preset(preset: str, batch: int, repeats: int, memory_steps: int, device: torch.device) -> dict:
+    """Memory first (fresh processes, before this process holds big models), then the timing group."""
+    memory = {ckpt: memory_run(preset, batch, ckpt, memory_steps, device) for ckpt in (False, True)}
+    timing = bench_group(preset, batch, repeats, device)
+    return {"timing": timing, "memory_off": memory[False], "memory_on": memory[True]}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -242,47 +272,47 @@ def _shape(r: dict) -> str:
     return f"{r['seq_len']} ({r['image_tokens']}+{r['seq_len'] - r['image_tokens']})"
 
 
-def render(env: dict, attention: list[dict], checkpointing: list[dict]) -> str:
-    lines = [f"torch {env['torch']}, {env['threads']} threads, device: {env['device_name']}", ""]
-    if attention:
-        lines += [
-            "### Attention kernel: training step (forward + backward + AdamW), interleaved A/B, seconds",
-            "",
-            "| preset | batch | seq (img+text) | params (trainable) | ckpt | steps | SDPA: median (min..max) "
-            "| explicit: median (min..max) | explicit / SDPA |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in attention:
+def _ratio(num: dict, den: dict) -> str:
+    return f"{num['median_s'] / den['median_s']:.3f} / {num['min_s'] / den['min_s']:.3f}"
+
+
+def render(env: dict, results: list[dict]) -> str:
+    lines = [f"torch {env['torch']}, {env['threads']} threads, device: {env['device_name']}", "",
+             "### Attention kernel: training step (forward + backward + AdamW), seconds, interleaved", "",
+             "| preset | batch | seq (img+text) | params (trainable) | ckpt | steps each | SDPA: median (min..max) "
+             "| explicit: median (min..max) | explicit / SDPA: medians / mins |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in (x["timing"] for x in results):
+        v = r["variants"]
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {_shape(r)} | {_m(r['params'])} ({_m(r['trainable'])}) "
+            f"| {'on' if r['preset_checkpointing'] else 'off'} | {r['repeats']} | {_spread(v['sdpa'])} "
+            f"| {_spread(v['explicit'])} | {_ratio(v['explicit'], v['sdpa'])} |"
+        )
+    method = results[0]["memory_off"]["memory_method"] if results else ""
+    lines += ["", "### Activation checkpointing: step time (seconds, interleaved with the table above, SDPA) and "
+              f"memory ({method}, one fresh process per row, MiB)", "",
+              "| preset | batch | ckpt | step: median (min..max) | time on/off: medians / mins "
+              "| resident before step 1 | step-1 peak (+grads +AdamW state) | fwd+bwd peak (activations, logits) "
+              "| fwd+bwd peak on/off | AdamW step peak |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in results:
+        r, v = x["timing"], x["timing"]["variants"]
+        on, off = (v["sdpa"], v["sdpa, ckpt flipped"]) if r["preset_checkpointing"] else (v["sdpa, ckpt flipped"], v["sdpa"])
+        m_off, m_on = x["memory_off"], x["memory_on"]
+        for label, t, mem in (("off", off, m_off), ("on", on, m_on)):
+            peak = "n/a" if mem["fwd_bwd_peak_mib"] is None else f"{mem['fwd_bwd_peak_mib']:.0f}"
+            opt_peak = "n/a" if mem["adamw_peak_mib"] is None else f"{mem['adamw_peak_mib']:.0f}"
+            time_ratio = peak_ratio = ""
+            if label == "on":
+                time_ratio = _ratio(on, off)
+                if m_on["fwd_bwd_peak_mib"] and m_off["fwd_bwd_peak_mib"]:
+                    peak_ratio = f"{m_on['fwd_bwd_peak_mib'] / m_off['fwd_bwd_peak_mib']:.2f}"
             lines.append(
-                f"| {r['preset']} | {r['batch']} | {_shape(r)} | {_m(r['params'])} ({_m(r['trainable'])}) "
-                f"| {'on' if r['checkpointing'] else 'off'} | {r['repeats']}+{r['repeats']} | {_spread(r['A'])} "
-                f"| {_spread(r['B'])} | {r['b_over_a']:.3f} |"
+                f"| {r['preset']} | {r['batch']} | {label} | {_spread(t)} | {time_ratio} "
+                f"| {mem['resident_before_mib']:.0f} | {mem['first_fwd_bwd_peak_mib']:.0f} | {peak} | {peak_ratio} | {opt_peak} |"
             )
-        lines.append("")
-    if checkpointing:
-        method = checkpointing[0]["memory"][0]["memory_method"]
-        lines += [
-            "### Activation checkpointing: step time (interleaved A/B, seconds) and memory "
-            f"({method}, fresh process per row)",
-            "",
-            "| preset | batch | seq | ckpt | attention | step: median (min..max) | time on/off | steps "
-            "| resident before step 1, MiB | first-step peak, MiB (+grads +AdamW) | steady step peak, MiB (activations) "
-            "| peak on/off |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for c in checkpointing:
-            t, (m_off, m_on) = c["timing"], c["memory"]
-            for label, times, mem in (("off", t["A"], m_off), ("on", t["B"], m_on)):
-                peak = "n/a" if mem["step_peak_mib"] is None else f"{mem['step_peak_mib']:.0f}"
-                ratio_t = f"{t['b_over_a']:.3f}" if label == "on" else ""
-                ratio_m = (f"{m_on['step_peak_mib'] / m_off['step_peak_mib']:.2f}"
-                           if label == "on" and m_on["step_peak_mib"] and m_off["step_peak_mib"] else "")
-                lines.append(
-                    f"| {t['preset']} | {t['batch']} | {_shape(t)} | {label} | {t['attention']} | {_spread(times)} "
-                    f"| {ratio_t} | {t['repeats']}+{t['repeats']} | {mem['resident_before_mib']:.0f} "
-                    f"| {mem['first_step_peak_mib']:.0f} | {peak} | {ratio_m} |"
-                )
-        lines.append("")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -299,16 +329,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Method: see the module docstring of tools/bench_model.py.")
-    p.add_argument("--attention", default="demo:32,base:2",
-                   help="PRESET:BATCH list for the SDPA-vs-explicit comparison ('' to skip). Default: %(default)s")
-    p.add_argument("--checkpointing", default="demo:32,base:2",
-                   help="PRESET:BATCH list for the checkpointing off/on comparison ('' to skip). Default: %(default)s")
-    p.add_argument("--repeats", type=int, default=7, help="Timed steps per setting per A/B comparison (interleaved).")
-    p.add_argument("--base-repeats", type=int, default=4, help="--repeats for the base preset (slow on CPU).")
-    p.add_argument("--memory-steps", type=int, default=2, help="Steady-state steps after step 1 in each memory run.")
+    p.add_argument("--runs", default="demo:32,base:2",
+                   help="PRESET:BATCH list; each gets both comparisons. Default: %(default)s")
+    p.add_argument("--repeats", type=int, default=9, help="Timed steps per variant (interleaved). Default: %(default)s")
+    p.add_argument("--base-repeats", type=int, default=3,
+                   help="--repeats for the base preset (seconds per step on a CPU). Default: %(default)s")
+    p.add_argument("--memory-steps", type=int, default=2,
+                   help="Steady-state steps after step 1 in each memory run. Default: %(default)s")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda when available, else cpu.")
-    p.add_argument("--quick", action="store_true", help="Smoke run: demo preset only, batch 8, 2 repeats.")
+    p.add_argument("--quick", action="store_true", help="Smoke run: demo batch 8, 2 repeats, 1 memory step.")
     p.add_argument("--json", type=Path, help="Also write the raw results (every step time) to this file.")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one memory run in a fresh process
     return p.parse_args(argv)
@@ -324,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if args.quick:
-        args.attention, args.checkpointing, args.repeats, args.memory_steps = "demo:8", "demo:8", 2, 1
+        args.runs, args.repeats, args.memory_steps = "demo:8", 2, 1
     env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -334,24 +364,18 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"torch {env['torch']} | threads {env['threads']} | device {env['device_name']}", file=sys.stderr)
     t0 = time.perf_counter()
-    attention, checkpointing = [], []
-    for preset, batch in parse_runs(args.attention):
+    results = []
+    for preset, batch in parse_runs(args.runs):
         repeats = args.base_repeats if preset == "base" and not args.quick else args.repeats
-        print(f"[{time.perf_counter() - t0:5.0f}s] attention: {preset} batch {batch}, {repeats}+{repeats} steps",
-              file=sys.stderr)
-        attention.append(bench_pair(preset, batch, repeats, device, "model.attention", ("sdpa", "explicit")))
-    for preset, batch in parse_runs(args.checkpointing):
-        repeats = args.base_repeats if preset == "base" and not args.quick else args.repeats
-        print(f"[{time.perf_counter() - t0:5.0f}s] checkpointing: {preset} batch {batch}, {repeats}+{repeats} steps "
-              f"+ 2 memory processes", file=sys.stderr)
-        checkpointing.append(bench_checkpointing(preset, batch, repeats, args.memory_steps, device))
+        print(f"[{time.perf_counter() - t0:4.0f}s] {preset} batch {batch}: 2 memory processes, then "
+              f"{repeats} interleaved steps x 3 variants", file=sys.stderr)
+        results.append(bench_preset(preset, batch, repeats, args.memory_steps, device))
     env["wall_s"] = time.perf_counter() - t0
-    print(f"[{env['wall_s']:5.0f}s] done", file=sys.stderr)
-    print(render(env, attention, checkpointing))
-    result = {"env": env, "attention": attention, "checkpointing": checkpointing}
+    print(f"[{env['wall_s']:4.0f}s] done", file=sys.stderr)
+    print(render(env, results))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+        args.json.write_text(json.dumps({"env": env, "results": results}, indent=2))
+    return {"env": env, "results": results}
 
 
 if __name__ == "__main__":

@@ -129,5 +129,95 @@ def demo_data_cmd(
             typer.echo(f"  next: {shard_command(out, name, paths)}")
 
 
+@app.command("export")
+def export_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="RUN/checkpoints of a training run (any ZeRO stage, any rank count)."),
+    out: Path = typer.Option(..., "--out", help="Folder for model.safetensors + config.json."),
+    tag: str = typer.Option("latest", "--tag", help="Checkpoint: latest, best, stepN or epochN."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Stored precision: fp32 or bf16."),
+) -> None:
+    """Consolidate a DeepSpeed checkpoint into one safetensors model (verified by reloading it)."""
+    from vlm_dist.infer.export import export
+    from vlm_dist.infer.load import ExportError
+
+    if dtype not in ("fp32", "bf16"):
+        raise typer.BadParameter("use fp32 or bf16", param_hint="--dtype")
+    try:
+        path = export(ckpt, out, tag=tag, dtype=dtype)
+    except ExportError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"exported {ckpt}/{tag} -> {path}/model.safetensors (verified by a strict reload)")
+
+
+@app.command("generate")
+def generate_cmd(
+    model_dir: Path = typer.Option(..., "--model", help="An export folder (from `vlm-dist export`)."),
+    image: List[Path] = typer.Option(..., "--image", help="Image file(s); repeat for a batch."),
+    question: Optional[str] = typer.Option(None, "--question", help="Ask this about each image (default: caption it)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest continuation."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
+) -> None:
+    """Caption images, or answer a question about them (batched, KV-cached decoding)."""
+    import json
+
+    import open_clip
+    import torch
+
+    from vlm_dist.data.images import ImageReject, decode_rgb
+    from vlm_dist.infer.generate import generate_text
+    from vlm_dist.infer.load import ExportError, load_exported
+
+    try:
+        model, cfg = load_exported(model_dir)
+    except ExportError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    size = cfg.vision.geometry["image_size"]
+    transform = open_clip.image_transform(size, is_train=False)
+    tensors = []
+    for path in image:
+        try:
+            tensors.append(transform(decode_rgb(path.read_bytes(), size)))
+        except (OSError, ImageReject) as err:
+            typer.echo(f"error: cannot read image {path}: {err}", err=True)
+            raise typer.Exit(2)
+    gen = torch.Generator().manual_seed(seed)
+    texts = generate_text(model, torch.stack(tensors), [question] * len(image), max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, generator=gen)
+    for path, text in zip(image, texts):
+        if as_json:
+            typer.echo(json.dumps({"image": str(path), "question": question, "text": text}))
+        else:
+            typer.echo(f"{path}: {text}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Path = typer.Option(..., "--model", help="An export folder (from `vlm-dist export`)."),
+    shards: str = typer.Option(..., "--shards", help="Validation shards: a shard-coco folder or a brace pattern."),
+    out: Path = typer.Option(..., "--out", help="JSON file for metrics + predictions (captions also in COCO results format beside it)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images decoded per batch."),
+) -> None:
+    """Caption every image and answer every question; report exact match, Q&A accuracy, caption metrics."""
+    from vlm_dist.data.manifest import ShardSpecError
+    from vlm_dist.infer.evaluate import evaluate_generation, format_metrics, write_results
+    from vlm_dist.infer.load import ExportError, load_exported
+
+    try:
+        model, _ = load_exported(model_dir)
+        result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size)
+    except (ExportError, ShardSpecError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    write_results(result, out)
+    typer.echo(format_metrics(result["metrics"]))
+    typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -7,12 +7,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import open_clip
 import torch
 from torch import nn
 
 from vlm_dist.config import OPEN_CLIP_CONFIG_DIR, VisionConfig
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns on every build without pretrained weights; with pretrained=None that is the intent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
 
 
 def _register_configs() -> None:

@@ -12,6 +12,7 @@ loss and the config. RNG states differ per rank, so each rank writes its own rng
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -24,6 +25,7 @@ import torch
 from vlm_dist.train.dist import barrier
 
 STEP_TAG = re.compile(r"^step(\d+)$")
+RUN_CONFIG_FILE = "run_config.json"  # the run config beside each tag, readable without unpickling
 
 
 @dataclass
@@ -53,6 +55,8 @@ def save(engine, ckpt_dir: Path, tag: str, state: TrainState, config: dict, late
     client = {"train_state": asdict(state), "config": config}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=latest)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{engine.global_rank}.pt")
+    if engine.global_rank == 0:
+        (ckpt_dir / tag / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2))
     barrier()
 
 

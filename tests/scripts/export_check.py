@@ -1,0 +1,85 @@
+"""Run per rank (tests/test_export.py starts it): for each ZeRO stage given, build the engine on the
+tiny model (fp32), take two optimizer steps, save a checkpoint, export it, and compare
+
+  - every exported tensor with the engine's fp32 master weight (safe_get_full_fp32_param, a collective);
+  - the export with what DeepSpeed's own zero_to_fp32.py (copied into the checkpoint folder) writes;
+  - the exported model's logits with the engine's on the same batch.
+
+Rank 0 prints one JSON line per stage: {"stage", "world", "max_weight_diff", "max_script_diff", ...}.
+    python tests/scripts/export_check.py OUT_DIR 1 2 3
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from vlm_dist.config import load_config
+from vlm_dist.infer.export import export
+from vlm_dist.infer.load import load_exported
+from vlm_dist.model import VLM
+from vlm_dist.train import checkpoint as ckpt
+from vlm_dist.train.dist import barrier, init_distributed
+from vlm_dist.train.engine import build_engine
+
+
+def batch(seed: int, B: int = 4, T: int = 12, n_future: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49408, (B, T), generator=g)
+    targets = torch.randint(0, 49408, (B, n_future, T), generator=g)
+    targets[:, :, :3] = -100
+    return torch.randn(B, 3, 32, 32, generator=g), ids, targets
+
+
+def main(out: Path, stages: list[int]) -> None:
+    info = init_distributed()
+    cfg = load_config("tiny", ["model.vision.freeze=true"])  # a frozen tower must come out too
+    for stage in stages:
+        ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}
+        torch.manual_seed(0)
+        model = VLM(cfg.model)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}  # never change
+        engine = build_engine(model, ds)
+        for step in range(2):
+            images, ids, targets = batch(100 * info.rank + step)
+            engine.backward(engine(images, ids, targets)["loss"])
+            engine.step()
+        ckpt_dir = out / f"zero{stage}_w{info.world_size}"
+        ckpt.save(engine, ckpt_dir, "step2", ckpt.TrainState(step=2), cfg.model_dump(mode="json"))
+        master = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()  # all ranks
+                  if p.requires_grad}
+        assert frozen and not frozen.keys() & master.keys()
+        master.update(frozen)
+        images, ids, targets = batch(999)
+        engine.eval()
+        with torch.no_grad():
+            engine_logits = engine(images, ids, targets, return_logits=True)["logits"]
+        if info.rank == 0:
+            export(ckpt_dir, out / f"export{stage}", tag="step2")
+            model, _ = load_exported(out / f"export{stage}")
+            exported = model.state_dict()
+            weight_diff = max((exported[n] - w).abs().max().item() for n, w in master.items())
+            script_out = out / f"script{stage}"
+            subprocess.run([sys.executable, str(ckpt_dir / "zero_to_fp32.py"), str(ckpt_dir), str(script_out),
+                            "--tag", "step2"], check=True, capture_output=True)
+            theirs = torch.load(script_out / "pytorch_model.bin", weights_only=True)
+            theirs = {k.removeprefix("module."): v for k, v in theirs.items()}
+            script_diff = max((exported[k] - v).abs().max().item() for k, v in theirs.items())
+            with torch.no_grad():
+                logits = model(images, ids, targets, return_logits=True)["logits"]
+            print(json.dumps({
+                "stage": stage, "world": info.world_size, "max_weight_diff": weight_diff,
+                "max_script_diff": script_diff, "script_keys_missing": sorted(set(exported) - set(theirs) - {"lm_head.weight"}),
+                "max_logit_diff": (logits - engine_logits).abs().max().item(),
+                "tied": model.lm_head.weight is model.tok_emb.weight,
+                "n_params": len(master), "n_frozen": len(frozen)}), flush=True)
+        barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), [int(s) for s in sys.argv[2:]])

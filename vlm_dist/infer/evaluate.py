@@ -1,0 +1,128 @@
+"""What the model learned: generate a caption for every validation image and an answer for every
+question, and score them (exact match, Q&A accuracy; BLEU/ROUGE-L/CIDEr where pycocoevalcap exists).
+
+    vlm-dist eval --model exports/demo --shards data/demo/shards/val --out runs/demo/eval.json
+
+Validation shards are read directly (every caption and every question of every image, not the
+training loader's one-per-image choice), decoding only the .jpg and .json members.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from vlm_dist.text import get_tokenizer
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, single spaces: 'A red circle .' == 'a red circle'."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[str, bytes, dict]]:
+    """(key, jpg bytes, metadata) of each image in the shards, in manifest order."""
+    import webdataset as wds
+
+    from vlm_dist.data.manifest import resolve_shards
+
+    n = 0
+    for shard in resolve_shards(shards):
+        for raw in wds.tarfile_samples([{"url": shard.url}], select_files=lambda f: f.endswith((".jpg", ".json"))):
+            if limit is not None and n >= limit:
+                return
+            yield raw["__key__"], raw["jpg"], json.loads(raw["json"])
+            n += 1
+
+
+def _tasks(shards: str, limit: int | None) -> list[dict]:
+    tasks = []
+    for key, jpg, meta in iter_shard_samples(shards, limit):
+        image_id = int(meta.get("image_id", -1))
+        if meta.get("captions"):
+            tasks.append({"key": key, "jpg": jpg, "image_id": image_id, "question": None, "refs": meta["captions"]})
+        for qa in meta.get("qa") or []:
+            tasks.append({"key": key, "jpg": jpg, "image_id": image_id, "question": qa["question"],
+                          "refs": [qa["answer"]]})
+    if not tasks:
+        raise ValueError(f"no captions or questions found in {shards}")
+    return tasks
+
+
+def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr with pycocoevalcap (METEOR and SPICE need Java; not run here)."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:
+        return {}
+    # pycocoevalcap's PTB tokenizer also needs Java; normalise() is the stand-in tokenisation.
+    res = {i: [normalise(c)] for i, c in predictions.items()}
+    gts = {i: [normalise(r) for r in references[i]] for i in predictions}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+@torch.no_grad()
+def evaluate_generation(model, shards: str, limit: int | None = None, batch_size: int = 32,
+                        max_new_tokens: int = 24, progress: bool = True) -> dict:
+    """Greedy captions and answers for the shards; returns metrics and per-task predictions."""
+    import open_clip
+    from tqdm import tqdm
+
+    from vlm_dist.data.images import decode_rgb
+    from vlm_dist.infer.generate import generate_text
+
+    size = model.cfg.vision.geometry["image_size"]
+    transform = open_clip.image_transform(size, is_train=False)
+    tasks = _tasks(shards, limit)
+    max_new = min(max_new_tokens, model.cfg.max_seq_len - model.n_image_tokens - 24)  # room for a question prompt
+    t0, n_tokens = time.perf_counter(), 0
+    for i in tqdm(range(0, len(tasks), batch_size), desc="eval", unit="batch", disable=not progress):
+        chunk = tasks[i : i + batch_size]
+        images = torch.stack([transform(decode_rgb(t["jpg"], size)) for t in chunk])
+        outs = generate_text(model, images, [t["question"] for t in chunk], max_new_tokens=max_new)
+        for t, out in zip(chunk, outs):
+            t["prediction"] = out
+            n_tokens += len(get_tokenizer().encode(out)) + 1
+    seconds = time.perf_counter() - t0
+    caps = [t for t in tasks if t["question"] is None]
+    qas = [t for t in tasks if t["question"] is not None]
+    hit = lambda t: normalise(t["prediction"]) in {normalise(r) for r in t["refs"]}  # noqa: E731
+    metrics = {"images": len({t["key"] for t in tasks}), "captions": len(caps), "questions": len(qas),
+               "caption_exact_match": sum(map(hit, caps)) / max(len(caps), 1),
+               "qa_accuracy": sum(map(hit, qas)) / max(len(qas), 1),
+               "decode_tokens_per_s": n_tokens / seconds}
+    if caps:
+        metrics.update(coco_caption_scores({t["image_id"]: t["prediction"] for t in caps},
+                                           {t["image_id"]: t["refs"] for t in caps}))
+    predictions = [{k: t[k] for k in ("image_id", "question", "prediction", "refs")} for t in tasks]
+    return {"metrics": metrics, "predictions": predictions}
+
+
+def write_results(result: dict, out: str | Path) -> None:
+    """metrics + predictions to OUT; captions in COCO results format to OUT's *_captions.json sibling."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    coco = [{"image_id": p["image_id"], "caption": p["prediction"]} for p in result["predictions"] if p["question"] is None]
+    out.with_name(out.stem + "_captions.json").write_text(json.dumps(coco))
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"{m['images']} images: caption exact match {m['caption_exact_match']:.1%} ({m['captions']} captions), "
+             f"Q&A accuracy {m['qa_accuracy']:.1%} ({m['questions']} questions)"]
+    scores = [f"{k} {m[k]:.3f}" for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr") if k in m]
+    if scores:
+        lines.append("caption metrics (pycocoevalcap; METEOR/SPICE not run: they need Java): " + ", ".join(scores))
+    lines.append(f"greedy decoding: {m['decode_tokens_per_s']:.0f} tokens/s")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Batched, KV-cached decoding: greedy (temperature 0) or sampling (temperature, top-p).
+
+    texts = generate_text(model, images, questions=[None, "what colour is the circle?"])
+
+Rows may have prompts of different lengths (captions start from <sot>, questions from the Q&A
+prompt). All rows share the image prefix and start text at the same position, so instead of padding
+we feed each row its own prompt token while it is still inside its prompt (teacher forcing) and its
+own sampled token after; one batched cache serves all rows and no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_dist.text import get_tokenizer, prompt_tokens
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest set with mass >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
+             temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each row's prompt; return the generated ids per row (without the end token).
+
+    images (B, 3, H, W) in the model's input transform; prompts: B lists of token ids, each starting
+    with <sot>. use_cache=False recomputes the whole sequence every step (the reference for tests).
+    """
+    tok = get_tokenizer()
+    B = images.shape[0]
+    if len(prompts) != B or any(not p for p in prompts):
+        raise ValueError(f"need one non-empty prompt per image: {B} images, {len(prompts)} prompts")
+    device = next(model.parameters()).device
+    dtype = model.projector.weight.dtype
+    images = images.to(device, dtype)
+    lengths = [len(p) for p in prompts]
+    total = max(lengths) + max_new_tokens  # text positions the longest row may need
+    if model.n_image_tokens + total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {total} text tokens exceed model.max_seq_len="
+                         f"{model.cfg.max_seq_len} - {model.n_image_tokens} image tokens; lower --max-new-tokens")
+    seq = torch.full((B, total), tok.pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        seq[b, : len(p)] = torch.tensor(p, device=device)
+    start = min(lengths)  # every row is still inside its prompt up to here: prefill it at once
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ends = torch.tensor([l + max_new_tokens for l in lengths], device=device)
+    in_prompt_len = torch.tensor(lengths, device=device)
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B) if use_cache else None
+    pos = start
+    logits = model.step(seq[:, :start], cache, images=images)[:, 0, -1] if use_cache else None
+    while pos < total and not done.all():
+        if not use_cache:
+            logits = model(images, seq[:, :pos])["logits"][:, 0, -1]  # (B, V), full recompute
+        nxt = _pick(logits, temperature, top_p, generator)
+        generating = pos >= in_prompt_len  # rows past their prompt take the model's token
+        nxt = torch.where(generating & ~done, nxt, seq[:, pos])
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
+        seq[:, pos] = nxt
+        done |= generating & ((nxt == tok.eos_id) | (pos + 1 >= ends))
+        pos += 1
+        if use_cache and pos < total and not done.all():
+            logits = model.step(seq[:, pos - 1 : pos], cache)[:, 0, -1]
+    model.train(was_training)
+    out = []
+    for b, p in enumerate(prompts):
+        ids = seq[b, len(p) : ends[b]].tolist()
+        out.append(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+    return out
+
+
+def generate_text(model, images: torch.Tensor, questions: list[str | None], **kw) -> list[str]:
+    """Captions (question None) or answers, decoded to text."""
+    tok = get_tokenizer()
+    ids = generate(model, images, [prompt_tokens(tok, q) for q in questions], **kw)
+    return [tok.decode(i) for i in ids]

@@ -1,0 +1,57 @@
+"""Rebuild a model from an export directory (model.safetensors + config.json) without DeepSpeed.
+
+    model, cfg = load_exported("exports/demo", device="cpu")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlm_dist.config import ModelConfig
+from vlm_dist.text import get_tokenizer
+
+EXPORT_FORMAT = "vlm-dist-export/1"
+
+
+class ExportError(ValueError):
+    """The directory is not a vlm-dist export, or its files disagree with each other."""
+
+
+def read_export_config(directory: str | Path) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"{d} is not a directory; pass the --out folder of `vlm-dist export`")
+    path = d / "config.json"
+    if not path.is_file() or not (d / "model.safetensors").is_file():
+        raise ExportError(f"{d} is not a vlm-dist export (needs config.json and model.safetensors); "
+                          f"create one with `vlm-dist export --ckpt RUN/checkpoints --out {d}`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: format {meta.get('format')!r} is not {EXPORT_FORMAT!r}")
+    tok = get_tokenizer()
+    if meta.get("tokenizer") != tok.name or meta.get("vocab_size") != tok.vocab_size:
+        raise ExportError(f"{path}: exported with tokenizer {meta.get('tokenizer')} ({meta.get('vocab_size')} ids), "
+                          f"this install has {tok.name} ({tok.vocab_size} ids)")
+    return meta
+
+
+def build_model(model_cfg: ModelConfig):
+    """The architecture alone: no pretrained-weight lookup (the export carries every weight)."""
+    from vlm_dist.model import VLM
+
+    cfg = model_cfg.model_copy(update={"vision": model_cfg.vision.model_copy(update={"pretrained": None})})
+    return VLM(cfg)
+
+
+def load_exported(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    from safetensors.torch import load_model
+
+    meta = read_export_config(directory)
+    cfg = ModelConfig.model_validate(meta["model"])
+    model = build_model(cfg)
+    load_model(model, str(Path(directory) / "model.safetensors"), strict=True)  # re-ties shared weights
+    model.to(device=device, dtype=dtype or model.lm_head.weight.dtype).eval()
+    return model, cfg
