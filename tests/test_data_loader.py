@@ -109,6 +109,21 @@ def test_exact_resume_and_determinism_with_workers(demo):
     assert same_batches(run(in_process)[3:], tail)
 
 
+def test_one_rank_two_workers_streams_like_two_ranks_one_worker(demo):
+    """The streams are a function of the slot (rank * workers + worker), so a 1-rank run with
+    accumulation over 2 workers sees exactly the global batches of a 2-rank run (the trainer's
+    1-rank == 2-rank test relies on it)."""
+    cfg = cfg_with()
+    one = build_loader(cfg, demo["shards"], rank=0, world_size=1, micro_batch=4, train=True, num_workers=2)
+    two = [build_loader(cfg, demo["shards"], rank=r, world_size=2, micro_batch=4, train=True, num_workers=0)
+           for r in range(2)]
+    for loader in (one, *two):
+        loader.set_epoch(3)
+    one_batches, r0, r1 = run(one), run(two[0]), run(two[1])
+    interleaved = [b for pair in zip(r0, r1) for b in pair]  # batch b of a 1-rank run = worker b % 2
+    assert same_batches(one_batches, interleaved)
+
+
 def test_per_sample_choice_does_not_depend_on_the_stream(demo):
     """Caption vs question is seeded by (seed, epoch, key): the same under any world size / worker count."""
     cfg = cfg_with()

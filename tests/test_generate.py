@@ -62,7 +62,8 @@ def test_sampling_is_seeded_and_top_p_one_token_is_greedy():
     assert tiny_p == greedy  # a nucleus of one token is the argmax
 
 
-def test_generate_text_decodes():
+def test_generate_text_decodes_the_generated_ids():
     model, images = model_and_images(B=2)
     texts = generate_text(model, images, [None, "what colour?"], max_new_tokens=4)
-    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    ids = generate(model, images, [prompt_tokens(tok), prompt_tokens(tok, "what colour?")], max_new_tokens=4)
+    assert texts == [tok.decode(i) for i in ids] and any(ids)

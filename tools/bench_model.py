@@ -236,7 +236,7 @@ def memory_worker(spec: dict) -> dict:
     return {
         **spec, "memory_method": probe.method, "threads": torch.get_num_threads(),
         "resident_before_mib": before / MIB, "resident_after_first_mib": resident / MIB,
-        "first_fwd_bwd_peak_mib": first_peak / MIB, "fwd_bwd_peak_mib": fwd_bwd_peak, "adamw_peak_mib": opt_peak,
+        "first_step_peak_mib": first_peak / MIB, "fwd_bwd_peak_mib": fwd_bwd_peak, "adamw_peak_mib": opt_peak,
     }
 
 
@@ -310,7 +310,7 @@ def render(env: dict, results: list[dict]) -> str:
                     peak_ratio = f"{m_on['fwd_bwd_peak_mib'] / m_off['fwd_bwd_peak_mib']:.2f}"
             lines.append(
                 f"| {r['preset']} | {r['batch']} | {label} | {_spread(t)} | {time_ratio} "
-                f"| {mem['resident_before_mib']:.0f} | {mem['first_fwd_bwd_peak_mib']:.0f} | {peak} | {peak_ratio} | {opt_peak} |"
+                f"| {mem['resident_before_mib']:.0f} | {mem['first_step_peak_mib']:.0f} | {peak} | {peak_ratio} | {opt_peak} |"
             )
     lines.append("")
     return "\n".join(lines)

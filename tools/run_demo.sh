@@ -24,7 +24,7 @@ if [ ! -f "$DATA/shards/val/manifest.json" ]; then
   vlm-dist demo-data --out "$DATA" --train "$N_TRAIN" --val "$N_VAL" --shard
 fi
 
-deepspeed --num_gpus "$NPROC" -m vlm_dist.train --config demo --ds "$DS_CONFIG" \
+deepspeed --num_gpus "$NPROC" --module vlm_dist.train --config demo --ds "$DS_CONFIG" \
   --train-shards "$DATA/shards/train" --val-shards "$DATA/shards/val" --run-dir "$RUN" --resume auto "$@"
 
 vlm-dist export --ckpt "$RUN/checkpoints" --tag best --out "$RUN/export"

@@ -59,7 +59,7 @@ class VisionConfig(Section):
     model_name: str = Field(
         "ViT-B-32",
         description="open_clip model whose vision tower encodes the image (any square ViT in "
-        "open_clip.list_models(); 'vlm-tiny-vit' and 'vlm-demo-vit' are this package's small towers).",
+        "open_clip.list_models(); 'vlm-tiny-vit' is this package's small tower: 32 px, patch 8, width 32, one block).",
     )
     pretrained: str | None = Field(
         None,
@@ -99,6 +99,11 @@ class ModelConfig(Section):
         "reference, for tests and benchmarks only.",
     )
     init_std: float = Field(0.02, gt=0, description="Std of the normal initialisation of linear and embedding weights.")
+    pos_scale: float = Field(
+        0.02, ge=0, description="Amplitude of the sinusoidal positions added to the embeddings. Unit-amplitude "
+        "sinusoids would swamp token and image features initialised at std ~init_std (on the demo task: "
+        "0.68 vs 0.76 val token accuracy after 300 steps).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -194,16 +199,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"eval_every": 5, "save_every": 5},
         "log": {"log_every": 1, "grad_stats_every": 2, "histograms_every": 4},
     },
-    # The CPU demo: learns the synthetic shapes task in minutes on 2 cores. No pretrained vision
-    # weights exist offline, so the small tower is trained from scratch.
+    # The CPU demo: learns the synthetic shapes task on 2 cores. No pretrained vision weights exist
+    # offline, so a small tower is trained from scratch; on this task the 32 px / patch-8 tower
+    # learned as well as 64 px towers with 4x the image tokens (0.81-0.82 val token accuracy after
+    # 300-400 steps for each), at a fraction of the step time.
     "demo": {
         "model": {
-            "vision": {"model_name": "vlm-demo-vit", "freeze": False},
+            "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
             "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "n_future": 3,
             "activation_checkpointing": False,
         },
         "data": {"max_text_len": 32, "shuffle_buffer": 512},
-        "train": {"epochs": 8, "eval_every": 100, "save_every": 200},
+        "train": {"epochs": 16, "eval_every": 200, "save_every": 200},
         "log": {"log_every": 10, "grad_stats_every": 50, "histograms_every": 200},
     },
     # The product model: OpenCLIP ViT-B-32 (frozen, OpenAI weights) + 24 blocks x 8 heads x 768.

@@ -60,7 +60,7 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     model.eval()
     cache = model.new_cache(B) if use_cache else None
     pos = start
-    logits = model.step(seq[:, :start], cache, images=images)[:, 0, -1] if use_cache else None
+    logits = model.step(seq[:, :start], cache, images=images, next_token_only=True)[:, 0, -1] if use_cache else None
     while pos < total and not done.all():
         if not use_cache:
             logits = model(images, seq[:, :pos])["logits"][:, 0, -1]  # (B, V), full recompute
@@ -72,7 +72,7 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
         done |= generating & ((nxt == tok.eos_id) | (pos + 1 >= ends))
         pos += 1
         if use_cache and pos < total and not done.all():
-            logits = model.step(seq[:, pos - 1 : pos], cache)[:, 0, -1]
+            logits = model.step(seq[:, pos - 1 : pos], cache, next_token_only=True)[:, 0, -1]
     model.train(was_training)
     out = []
     for b, p in enumerate(prompts):

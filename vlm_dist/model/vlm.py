@@ -67,13 +67,13 @@ class VLM(nn.Module):
         return self.cfg.n_image_tokens
 
     def embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """[projected image tokens ; token embeddings] + sinusoidal positions from `offset`: (B, S, D)."""
+        """[projected image tokens ; token embeddings] + scaled sinusoidal positions from `offset`: (B, S, D)."""
         x = self.tok_emb(input_ids)  # (B, T, D)
         if images is not None:
             img = self.projector(self.vision(images.to(self.projector.weight.dtype)))  # (B, P, D)
             x = torch.cat([img, x], dim=1)
         pos = torch.arange(offset, offset + x.shape[1], device=x.device)
-        return x + sinusoidal_positions(pos, x.shape[-1]).to(x.dtype)
+        return x + self.cfg.pos_scale * sinusoidal_positions(pos, x.shape[-1]).to(x.dtype)
 
     def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Causal blocks over x (B, S, D) -> last hidden state (B, S, D), before the final norm."""
@@ -135,13 +135,20 @@ class VLM(nn.Module):
                        max_len or cfg.max_seq_len, p.dtype, p.device)
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None,
+             next_token_only: bool = False) -> torch.Tensor:
         """Feed input_ids (B, T) after what `cache` holds (the image too, on the first call) and return
-        logits (B, n_future, T, V) for these T positions; the cache grows by T (+ image tokens)."""
+        logits (B, n_future, T, V) for these T positions; the cache grows by T (+ image tokens).
+
+        next_token_only=True skips the extra heads (their blocks and unembeddings): logits (B, 1, T, V),
+        for plain decoding. Use one setting for the life of a cache: skipped heads leave their layers unfilled.
+        """
         if (images is not None) != (cache.length == 0):
             raise ValueError("pass images on the first step (empty cache) and only then")
         x = self.embed(images, input_ids, offset=cache.length)
-        states = self.head_states(self.trunk(x, cache), cache)  # heads see image positions too, as in forward
+        h = self.trunk(x, cache)
+        # the extra heads see image positions too, as in forward
+        states = [self.norm(h)] if next_token_only else self.head_states(h, cache)
         cache.advance(x.shape[1])
         T = input_ids.shape[1]
         return torch.stack([self.lm_head(s[:, -T:]) for s in states], dim=1)

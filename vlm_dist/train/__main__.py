@@ -1,4 +1,4 @@
-"""`deepspeed --num_gpus N -m vlm_dist.train ...`, `torchrun ... -m vlm_dist.train ...` or `python -m vlm_dist.train ...`."""
+"""`deepspeed --num_gpus N --module vlm_dist.train ...`, `torchrun ... -m vlm_dist.train ...` or `python -m vlm_dist.train ...`."""
 
 import sys
 

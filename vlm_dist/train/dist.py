@@ -1,6 +1,6 @@
 """Process-group set-up for every way the trainer is started, and small collective helpers.
 
-- `deepspeed --num_gpus N -m vlm_dist.train` and `torchrun` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*.
+- `deepspeed --num_gpus N --module vlm_dist.train` and `torchrun` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*.
 - A plain `python -m vlm_dist.train` sets nothing: we fill in a world of one, so DeepSpeed does not
   fall back to MPI discovery (which fails without mpi4py).
 Backend: NCCL on GPUs, gloo on CPUs (DeepSpeed's CPU accelerator would otherwise ask for oneCCL).

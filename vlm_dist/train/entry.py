@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m vlm_dist.train",
         description="Train the VLM on a DeepSpeed ZeRO engine. Start one process per rank with the deepspeed "
-        "launcher (deepspeed --num_gpus N -m vlm_dist.train ...), torchrun, or plain python for one rank.",
+        "launcher (deepspeed --num_gpus N --module vlm_dist.train ...; its launcher has no -m), torchrun, or plain python for one rank.",
     )
     p.add_argument("--config", default="demo", help="preset (tiny, demo, base) or YAML/JSON run config [demo]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
