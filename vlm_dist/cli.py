@@ -159,6 +159,8 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    speculative: bool = typer.Option(False, "--speculative", help="Greedy, drafted by the multi-token heads and "
+                                     "verified by the model (same output, fewer model calls; one image at a time)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ) -> None:
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
@@ -185,9 +187,19 @@ def generate_cmd(
         except (OSError, ImageReject) as err:
             typer.echo(f"error: cannot read image {path}: {err}", err=True)
             raise typer.Exit(2)
-    gen = torch.Generator().manual_seed(seed)
-    texts = generate_text(model, torch.stack(tensors), [question] * len(image), max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, generator=gen)
+    if speculative:
+        from vlm_dist.infer.speculative import speculative_generate
+        from vlm_dist.text import get_tokenizer, prompt_tokens
+
+        if temperature > 0:
+            raise typer.BadParameter("self-speculative decoding is greedy: drop --temperature", param_hint="--speculative")
+        tok = get_tokenizer()
+        texts = [tok.decode(speculative_generate(model, t, prompt_tokens(tok, question), max_new_tokens)[0])
+                 for t in tensors]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        texts = generate_text(model, torch.stack(tensors), [question] * len(image), max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, generator=gen)
     for path, text in zip(image, texts):
         if as_json:
             typer.echo(json.dumps({"image": str(path), "question": question, "text": text}))
