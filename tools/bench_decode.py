@@ -3,7 +3,7 @@
     python tools/bench_decode.py                          # demo-preset architecture, random weights
     python tools/bench_decode.py --model runs/demo/export --shards data/demo/shards/val   # a trained model
 
-Random weights rarely emit the end token, so every row decodes the full --new-tokens and the
+The cache table always uses random weights of the same architecture: they rarely emit the end token, so every row decodes the full --new-tokens and the
 tokens/s figures compare like with like. Self-speculative decoding needs heads that agree with the
 trunk, i.e. a trained model: with --model it reports tokens per model call and tokens/s on real
 validation images (captions), beside plain cached greedy decoding on the same images.
@@ -93,20 +93,22 @@ def main(argv: list[str] | None = None) -> None:
     from vlm_dist.config import load_config
     from vlm_dist.model import VLM
 
+    trained = None
     if args.model:
         from vlm_dist.infer.load import load_exported
 
-        model, _ = load_exported(args.model)
+        trained, model_cfg = load_exported(args.model)
     else:
-        torch.manual_seed(0)
-        model = VLM(load_config("demo").model).eval()
+        model_cfg = load_config("demo").model
+    torch.manual_seed(0)
+    random = VLM(model_cfg).eval()  # same architecture; random weights decode every row to full length
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    print("| batch | KV cache | seconds (median) | tokens/s |\n|---|---|---|---|")
-    for r in bench_cache(model, args.batches, args.new_tokens, args.repeats):
+    print(f"| batch | KV cache | seconds (median, {args.new_tokens} tokens per row) | tokens/s |\n|---|---|---|---|")
+    for r in bench_cache(random, args.batches, args.new_tokens, args.repeats):
         print(f"| {r['batch']} | {'yes' if r['kv_cache'] else 'no'} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} |")
     if args.shards:
-        s = bench_speculative(model, args.shards, args.images, args.new_tokens, max(1, args.repeats // 2))
-        print(f"\nself-speculative (batch 1, {s['images']} val captions, n_future={model.cfg.n_future}): "
+        s = bench_speculative(trained, args.shards, args.images, args.new_tokens, max(1, args.repeats // 2))
+        print(f"\nself-speculative (batch 1, {s['images']} val captions, n_future={trained.cfg.n_future}): "
               f"{s['tokens_per_call']:.2f} tokens per model call, {s['speculative_tokens_per_s']:.0f} tokens/s vs "
               f"{s['greedy_tokens_per_s']:.0f} greedy ({s['speedup']:.2f}x); identical to greedy: {s['identical_to_greedy']}")
 

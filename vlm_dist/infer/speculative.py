@@ -42,15 +42,16 @@ def speculative_generate(model, image: torch.Tensor, prompt: list[int], max_new_
     while len(out) < max_new_tokens:
         draft = logits.argmax(dim=-1)  # (n_future,): t+1 (greedy), t+2, ... t+n
         base = cache.length
-        verify = model.step(draft[None], cache)[0]  # (n_future heads, n draft positions, V)
+        states = model.step_states(draft[None], cache)  # per head (1, n draft positions, D)
         calls += 1
-        greedy_next = verify[0].argmax(dim=-1)  # head 0 after each draft token
+        greedy_next = model.lm_head(states[0][0]).argmax(dim=-1)  # head 0 after each draft token: (n,)
         accepted = 1
         while accepted < n and draft[accepted] == greedy_next[accepted - 1]:
             accepted += 1
         new = draft[:accepted].tolist()
         cache.crop(base + accepted)  # forget the rejected draft positions (causal: the rest is unaffected)
-        logits = verify[:, accepted - 1]  # all heads at the last accepted position
+        # all heads at the last accepted position only: n + (n - 1) unembeddings per call, not n * n
+        logits = model.lm_head(torch.stack([s[0, accepted - 1] for s in states]))  # (n_future, V)
         for t in new:
             if t == tok.eos_id or len(out) >= max_new_tokens:
                 model.train(was_training)

@@ -143,6 +143,14 @@ class VLM(nn.Module):
         next_token_only=True skips the extra heads (their blocks and unembeddings): logits (B, 1, T, V),
         for plain decoding. Use one setting for the life of a cache: skipped heads leave their layers unfilled.
         """
+        states = self.step_states(input_ids, cache, images, next_token_only)
+        return torch.stack([self.lm_head(s) for s in states], dim=1)
+
+    @torch.no_grad()
+    def step_states(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None,
+                    next_token_only: bool = False) -> list[torch.Tensor]:
+        """`step` before the unembedding: one normalised (B, T, D) state per head, for callers that
+        need the logits of only some heads or positions (speculative decoding)."""
         if (images is not None) != (cache.length == 0):
             raise ValueError("pass images on the first step (empty cache) and only then")
         x = self.embed(images, input_ids, offset=cache.length)
@@ -151,4 +159,4 @@ class VLM(nn.Module):
         states = [self.norm(h)] if next_token_only else self.head_states(h, cache)
         cache.advance(x.shape[1])
         T = input_ids.shape[1]
-        return torch.stack([self.lm_head(s[:, -T:]) for s in states], dim=1)
+        return [s[:, -T:] for s in states]
