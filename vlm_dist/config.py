@@ -167,6 +167,10 @@ class LogConfig(Section):
     grad_stats_every: int = Field(50, ge=0, description="Per-layer gradient statistics every N steps (0 = off).")
     histograms_every: int = Field(200, ge=0, description="Weight/gradient histograms every N steps (0 = off).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN/tb/ (rank 0 only).")
+    token_images: int = Field(
+        4, ge=0, description="Validation samples (the first of rank 0's val loader) drawn at each eval as token-"
+        "comparison images: ground truth vs teacher-forced prediction per head, green right / red wrong.",
+    )
 
 
 class RunConfig(Section):

@@ -1,6 +1,9 @@
 """The run logger. Rank gating lives here and only here: `make_logger` gives rank 0 a logger that
 writes TensorBoard events (RUN/tb/), RUN/metrics.jsonl and a console progress bar; every other rank
-gets a NullLogger whose methods do nothing. Warnings from any rank still go to stderr (`warn`).
+gets a NullLogger whose methods do nothing. Warnings from any rank still go to stderr (`warn`);
+`warn_once` is for a condition every rank sees alike (e.g. NaN gradients after the gathers), printed
+by rank 0 alone. Images are passed as a zero-argument render function, so that only the writing logger
+pays for rendering.
 """
 
 from __future__ import annotations
@@ -10,14 +13,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
 
 class NullLogger:
     def scalars(self, step: int, values: dict[str, float], split: str = "train") -> None: ...
+    def histogram(self, step: int, tag: str, values: Any) -> None: ...
+    def image(self, step: int, tag: str, render: Callable[[], Any]) -> None: ...
     def info(self, message: str) -> None: ...
+    def warn_once(self, message: str) -> None: ...
     def progress(self, step: int, total: int, **fields: Any) -> None: ...
     def close(self) -> None: ...
 
@@ -49,8 +55,20 @@ class RunLogger(NullLogger):
                 self.tb.add_scalar(f"{split}/{key}", value, step)
         self.jsonl.write(json.dumps(record) + "\n")
 
+    def histogram(self, step: int, tag: str, values: Any) -> None:
+        if self.tb is not None:
+            self.tb.add_histogram(tag, values.detach().float().cpu() if hasattr(values, "detach") else values, step)
+
+    def image(self, step: int, tag: str, render: Callable[[], Any]) -> None:
+        """render() -> (H, W, 3) uint8 array, called only here (rank 0, TensorBoard on)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, render(), step, dataformats="HWC")
+
     def info(self, message: str) -> None:
         tqdm.write(message, file=sys.stdout)
+
+    def warn_once(self, message: str) -> None:
+        self.warn(message)
 
     def progress(self, step: int, total: int, **fields: Any) -> None:
         """Advance the bar to `step`; without a terminal, print a line at most every 10 s and at the end."""

@@ -1,6 +1,6 @@
 """The training loop: train() -> run_epoch() -> train_step() -> forward_backward(), plus evaluate().
 
-    deepspeed --num_gpus 2 -m vlm_dist.train --config demo --ds ds_configs/zero2.json \
+    deepspeed --num_gpus 2 --module vlm_dist.train --config demo --ds ds_configs/zero2.json \
         --train-shards data/demo/shards/train --val-shards data/demo/shards/val --run-dir runs/demo
 
 Each optimizer step consumes `gradient_accumulation_steps` micro-batches on every rank; the engine
@@ -17,11 +17,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from vlm_dist.config import ConfigError, RunConfig, save_config
 from vlm_dist.data.loader import build_loader
 from vlm_dist.model import VLM
+from vlm_dist.observe.flops import memory_metrics, peak_flops, throughput_metrics, train_flops
+from vlm_dist.observe.gradstats import GradObserver
 from vlm_dist.observe.logger import NullLogger, make_logger
+from vlm_dist.observe.timing import StepTimer
+from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
 from vlm_dist.train import checkpoint as ckpt
 from vlm_dist.train.dist import DistInfo, all_reduce_sum, init_distributed
@@ -58,6 +63,9 @@ class Run:
     ckpt_dir: Path
     state: ckpt.TrainState
     stop_at: int
+    timer: StepTimer  # forward / backward / optimizer / observe sections of the current step
+    grads: GradObserver  # per-layer gradient statistics and histograms (collectives on every rank)
+    peak_flops: float | None  # the device's bf16 peak, for MFU (None on the CPU)
 
 
 def setup(cfg: RunConfig, opts: RunOptions) -> Run:
@@ -115,8 +123,10 @@ def setup(cfg: RunConfig, opts: RunOptions) -> Run:
         log.info(f"resumed from {where[0] / (where[1] or '')} at step {state.step} (epoch {state.epoch}, "
                  f"batch {state.batch_in_epoch})")
     stop_at = total if opts.stop_after is None else min(total, state.step + opts.stop_after)
+    grads = GradObserver(engine.module, cfg.log.grad_stats_every, cfg.log.histograms_every,
+                         gather_grad=safe_get_full_grad, gather_param=safe_get_full_fp32_param)
     return Run(cfg, opts, info, engine, train_loader, val_loader, accum, steps_per_epoch, total, dtype, log,
-               ckpt_dir, state, stop_at)
+               ckpt_dir, state, stop_at, StepTimer(info.device), grads, peak_flops(info.device))
 
 
 def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,34 +137,59 @@ def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def forward_backward(run: Run, batch: dict) -> torch.Tensor:
-    out = run.engine(*to_device(batch, run))
-    run.engine.backward(out["loss"])
+    with run.timer("forward"):
+        out = run.engine(*to_device(batch, run))
+    with run.timer("backward"):
+        run.engine.backward(out["loss"])
     return out["head_losses"].float()
+
+
+def optimizer_step(run: Run, boundary: bool) -> None:
+    """engine.step() steps the optimizer only at the accumulation boundary; there, the gradient
+    observer reads the full gradients before it and the updated weights after it (on every rank)."""
+    if boundary:
+        scale = run.engine.optimizer.loss_scale if run.engine.fp16_enabled() else 1.0  # fp16 grads carry it
+        with run.timer("observe"):
+            run.grads.before_step(run.state.step + 1, run.log, scale)
+    with run.timer("optimizer"):
+        run.engine.step()
+    if boundary:
+        with run.timer("observe"):
+            run.grads.after_step(run.log)
+
+
+def micro_batch_flops(run: Run, batch: dict) -> float:
+    B, T = batch["input_ids"].shape
+    n_targets = int((batch["targets"] != IGNORE_INDEX).sum())  # over all heads: the LM head runs only there
+    return train_flops(run.cfg.model, run.engine.module.vocab_size, B, T, n_targets)
 
 
 def train_step(run: Run, batches) -> dict[str, float]:
     """One optimizer step over `accum` micro-batches; returns this step's metrics (loss over all ranks)."""
     t0 = time.perf_counter()
     lr = run.engine.get_lr()[0]  # the rate this step applies (the scheduler advances in engine.step)
-    head_losses, wait, tokens = 0.0, 0.0, 0
-    for _ in range(run.accum):
+    head_losses, wait, tokens, flops = 0.0, 0.0, 0, 0.0
+    for i in range(run.accum):
         t = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t
         tokens += int((batch["targets"][:, 0] != IGNORE_INDEX).sum())
+        flops += micro_batch_flops(run, batch)
         head_losses = head_losses + forward_backward(run, batch)
-        run.engine.step()  # steps the optimizer only at the accumulation boundary
+        optimizer_step(run, boundary=i == run.accum - 1)
     run.state.step += 1
     run.state.batch_in_epoch += run.accum
     world = run.info.world_size
     n = len(run.cfg.model.head_weights)
-    summed = all_reduce_sum([*(head_losses / run.accum).tolist(), tokens], run.info.device)
+    summed = all_reduce_sum([*(head_losses / run.accum).tolist(), tokens, flops], run.info.device)
     heads = summed[:n] / world
     weights = torch.tensor(run.cfg.model.head_weights, dtype=torch.float64)
     elapsed = time.perf_counter() - t0
     metrics = {"loss": float((weights * heads).sum()), "lr": lr,
                "step_time": elapsed, "data_wait": wait, "tokens_per_s": float(summed[n]) / elapsed,
-               "samples_per_s": run.accum * len(batch["keys"]) * world / elapsed}
+               "samples_per_s": run.accum * len(batch["keys"]) * world / elapsed, **run.timer.totals(),
+               **throughput_metrics(float(summed[n + 1]), elapsed, world, run.peak_flops),
+               **memory_metrics(run.info.device)}
     grad_norm = run.engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
@@ -163,9 +198,10 @@ def train_step(run: Run, batches) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(run: Run, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | None = None) -> dict[str, float]:
     """Validation loss (same weighting as training) and teacher-forced token accuracy per head, over all
-    ranks; padding repeats are excluded. Every rank runs the same number of forwards (ZeRO-3 gathers)."""
+    ranks; padding repeats are excluded. Every rank runs the same number of forwards (ZeRO-3 gathers).
+    A `recorder` also gets position-wise accuracy and sample predictions, and logs them as images."""
     engine, cfg = run.engine, run.cfg
     n = cfg.model.n_future
     weights = torch.tensor(cfg.model.head_weights, dtype=torch.float64)
@@ -185,8 +221,13 @@ def evaluate(run: Run, max_batches: int | None = None) -> dict[str, float]:
         for k in range(n):
             sums[2 + 2 * k] += int(((pred[:, k] == targets[:, k]) & valid[:, k]).sum())
             sums[3 + 2 * k] += int(valid[:, k].sum())
+        if recorder is not None:
+            recorder.add(batch["images"], targets, pred, keep)
     engine.train()
-    total = all_reduce_sum(sums, run.info.device)
+    extra = recorder.position_counts() if recorder is not None else torch.zeros(0, dtype=torch.float64)
+    total = all_reduce_sum(torch.cat([sums, extra.flatten()]), run.info.device)
+    if recorder is not None:
+        recorder.write(run.log, run.state.step, total[len(sums):].view_as(extra))
     metrics = {"loss": float(total[0] / max(total[1], 1)), "samples": float(total[1])}
     for k in range(n):
         metrics[f"token_acc_head{k}"] = float(total[2 + 2 * k] / max(total[3 + 2 * k], 1))
@@ -197,7 +238,8 @@ def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
     cfg, state, step = run.cfg, run.state, run.state.step
     config = cfg.model_dump(mode="json")
     if run.val_loader is not None and (step % cfg.train.eval_every == 0 or epoch_end):
-        metrics = evaluate(run, cfg.train.eval_batches)
+        recorder = EvalRecorder(cfg.model.n_future, cfg.data.max_text_len - 1, cfg.log.token_images)
+        metrics = evaluate(run, cfg.train.eval_batches, recorder)
         run.log.scalars(step, metrics, split="val")
         run.log.info(f"step {step}: val loss {metrics['loss']:.4f}, token acc " +
                      " ".join(f"{metrics[f'token_acc_head{k}']:.3f}" for k in range(cfg.model.n_future)))
