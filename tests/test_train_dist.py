@@ -38,7 +38,9 @@ def runs(tmp_path_factory):
     # (the data streams are the same two slots either way). No dropout: its masks depend on the rank.
     go("one_rank", 1, "--set", "data.num_workers=2", "--ds-set", "train_micro_batch_size_per_gpu=4",
        "--ds-set", "gradient_accumulation_steps=2", "--save-every", "100")
-    go("two_ranks", 2, "--ds-set", "train_micro_batch_size_per_gpu=4", "--save-every", "100")
+    # ... which also decodes val images on rank 0 every 5 steps (must not disturb training)
+    go("two_ranks", 2, "--ds-set", "train_micro_batch_size_per_gpu=4", "--save-every", "100",
+       "--set", "train.generate_every=5", "--set", "train.generate_images=4")
     # With dropout, whose random streams must survive the checkpoint for the resume test.
     drop = ["--set", "model.dropout=0.1", "--ds-set", "train_micro_batch_size_per_gpu=4", "--save-every", "3"]
     for stage in (1, 2, 3):
@@ -58,6 +60,14 @@ def test_one_rank_equals_two_ranks(runs):
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
     assert one[STEPS] < one[1]  # and it trains
+
+
+def test_generation_eval_during_training(runs):
+    records = metrics(runs["two_ranks"], "val_generate")
+    assert [r["step"] for r in records] == [5, 10]
+    for r in records:
+        assert 0.0 <= r["caption_exact_match"] <= 1.0 and 0.0 <= r["qa_accuracy"] <= 1.0
+        assert r["images"] == 4 and "CIDEr" in r and "BLEU-4" in r
 
 
 def test_zero_stages_agree(runs):

@@ -158,6 +158,11 @@ class TrainConfig(Section):
     epochs: int = Field(1, gt=0, description="Passes over the training shards (ignored when data.resampled).")
     eval_every: int = Field(100, gt=0, description="Run validation every N optimizer steps.")
     eval_batches: int | None = Field(None, gt=0, description="Validation batches per eval; null = the whole split.")
+    generate_every: int = Field(
+        0, ge=0, description="Every N steps, rank 0 also captions and answers questions on `generate_images` "
+        "validation images (greedy) and logs exact match, Q&A accuracy, BLEU/ROUGE-L/CIDEr (0 = off; ZeRO-1/2 only).",
+    )
+    generate_images: int = Field(16, gt=0, description="Validation images for the in-training generation eval.")
     save_every: int = Field(200, gt=0, description="Save a step checkpoint every N optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Step checkpoints to keep (epoch and best checkpoints are kept apart).")
 

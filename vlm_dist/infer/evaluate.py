@@ -54,7 +54,8 @@ def _tasks(shards: str, limit: int | None) -> list[dict]:
     return tasks
 
 
-def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float]:
+def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[str]],
+                        meteor: bool = True) -> dict[str, float]:
     """BLEU-1..4, ROUGE-L and CIDEr with pycocoevalcap; METEOR too where Java is installed (its jar
     ships with pycocoevalcap). SPICE is never run: it downloads Stanford CoreNLP models on first use."""
     import shutil
@@ -72,7 +73,7 @@ def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[
     scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    if shutil.which("java"):
+    if meteor and shutil.which("java"):
         from pycocoevalcap.meteor.meteor import Meteor
 
         scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
@@ -81,7 +82,7 @@ def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[
 
 @torch.no_grad()
 def evaluate_generation(model, shards: str, limit: int | None = None, batch_size: int = 32,
-                        max_new_tokens: int = 24, progress: bool = True) -> dict:
+                        max_new_tokens: int = 24, progress: bool = True, meteor: bool = True) -> dict:
     """Greedy captions and answers for the shards; returns metrics and per-task predictions."""
     import open_clip
     from tqdm import tqdm
@@ -111,7 +112,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
                "decode_tokens_per_s": n_tokens / seconds}
     if caps:
         metrics.update(coco_caption_scores({t["image_id"]: t["prediction"] for t in caps},
-                                           {t["image_id"]: t["refs"] for t in caps}))
+                                           {t["image_id"]: t["refs"] for t in caps}, meteor))
     predictions = [{k: t[k] for k in ("image_id", "question", "prediction", "refs")} for t in tasks]
     return {"metrics": metrics, "predictions": predictions}
 

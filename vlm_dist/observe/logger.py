@@ -45,6 +45,7 @@ class RunLogger(NullLogger):
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stdout, disable=None)  # disable=None: no bar when stdout is not a terminal
         self._last_print = 0.0
+        self._warned: set[str] = set()
 
     def scalars(self, step: int, values: dict[str, float], split: str = "train") -> None:
         record = {"step": step, "split": split, "time": round(time.time(), 3)}
@@ -68,7 +69,9 @@ class RunLogger(NullLogger):
         tqdm.write(message, file=sys.stdout)
 
     def warn_once(self, message: str) -> None:
-        self.warn(message)
+        if message not in self._warned:
+            self._warned.add(message)
+            self.warn(message)
 
     def progress(self, step: int, total: int, **fields: Any) -> None:
         """Advance the bar to `step`; without a terminal, print a line at most every 10 s and at the end."""

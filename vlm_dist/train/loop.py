@@ -29,7 +29,7 @@ from vlm_dist.observe.timing import StepTimer
 from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
 from vlm_dist.train import checkpoint as ckpt
-from vlm_dist.train.dist import DistInfo, all_reduce_sum, init_distributed
+from vlm_dist.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from vlm_dist.train.dsconfig import batch_geometry, load_ds_config, precision, resolve_schedule
 from vlm_dist.train.engine import build_engine
 
@@ -246,11 +246,34 @@ def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
         if metrics["loss"] < state.best_val:
             state.best_val = metrics["loss"]
             ckpt.save(run.engine, run.ckpt_dir, "best", state, config, latest=False)
+    if cfg.train.generate_every and step % cfg.train.generate_every == 0 and cfg.data.val_shards:
+        generation_eval(run)
     if epoch_end:
         ckpt.save(run.engine, run.ckpt_dir, f"epoch{state.epoch}", state, config)
     elif step % cfg.train.save_every == 0 or step in (run.total_steps, run.stop_at):
         ckpt.save(run.engine, run.ckpt_dir, f"step{step}", state, config)
         ckpt.prune_step_checkpoints(run.ckpt_dir, cfg.train.keep_last, run.info.is_main)
+
+
+def generation_eval(run: Run) -> None:
+    """Rank 0 decodes a few validation images with the engine's own (unpartitioned) weights while the
+    other ranks wait; under ZeRO-3 no rank holds whole weights, so it is skipped (use `vlm-dist eval`
+    on an export)."""
+    from vlm_dist.infer.evaluate import evaluate_generation
+
+    if run.engine.zero_optimization_stage() >= 3:
+        run.log.warn_once("train.generate_every is ignored under ZeRO-3: export and run `vlm-dist eval` instead")
+        return
+    if run.info.is_main:
+        module = run.engine.module
+        result = evaluate_generation(module, run.cfg.data.val_shards, limit=run.cfg.train.generate_images,
+                                     progress=False, meteor=False)
+        module.train()
+        metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+        run.log.scalars(run.state.step, metrics, split="val_generate")
+        run.log.info(f"step {run.state.step}: caption exact match {metrics['caption_exact_match']:.3f}, "
+                     f"Q&A accuracy {metrics['qa_accuracy']:.3f} on {run.cfg.train.generate_images} val images")
+    barrier()
 
 
 def run_epoch(run: Run) -> None:
