@@ -52,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here; 
 import torch  # noqa: E402
 
 from vlm_dist.config import load_config  # noqa: E402
+from vlm_dist.observe.flops import proc_status_kib  # noqa: E402
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer, make_targets  # noqa: E402
 
 # The base preset names the 'openai' pretrained tag, which needs the hub: benchmarks use random weights
@@ -160,16 +161,6 @@ def bench_group(preset: str, batch: int, repeats: int, device: torch.device) -> 
 
 # --- 2. activation checkpointing (one fresh process per setting) ----------------------------------
 
-def _proc_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -188,17 +179,17 @@ class MemoryProbe:
     def current(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        return 1024 * (_proc_kib("VmRSS") or 0)
+        return int(1024 * (proc_status_kib("VmRSS") or 0))
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        hwm = _proc_kib("VmHWM")
+        hwm = proc_status_kib("VmHWM")
         if hwm is None:  # no /proc: getrusage is the lifetime peak (kB on Linux)
             import resource
 
             hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return 1024 * hwm
+        return int(1024 * hwm)
 
     def reset_peak(self) -> bool:
         if self.device.type == "cuda":

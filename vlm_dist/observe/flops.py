@@ -95,7 +95,8 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
-def _proc_status_kib(field: str) -> float | None:
+def proc_status_kib(field: str) -> float | None:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM, ...), or None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -114,7 +115,7 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
         return {"mem_peak_gib": peak / 2**30}
     out = {}
     for key, field in (("mem_rss_gib", "VmRSS"), ("mem_peak_rss_gib", "VmHWM")):
-        kib = _proc_status_kib(field)
+        kib = proc_status_kib(field)
         if kib is not None:
             out[key] = kib / 2**20
     return out
