@@ -49,18 +49,15 @@ def bench_cache(model, batches: list[int], new_tokens: int, repeats: int) -> lis
 
 
 def bench_speculative(model, shards: str, n_images: int, new_tokens: int, repeats: int) -> dict:
-    import open_clip
-
-    from vlm_dist.data.images import decode_rgb
+    from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.evaluate import iter_shard_samples
     from vlm_dist.infer.generate import generate
     from vlm_dist.infer.speculative import speculative_generate
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
     tok = get_tokenizer()
-    size = model.cfg.vision.geometry["image_size"]
-    transform = open_clip.image_transform(size, is_train=False)
-    images = [transform(decode_rgb(jpg, size)) for _, jpg, _ in iter_shard_samples(shards, n_images)]
+    to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
+    images = [to_tensor(jpg) for _, jpg, _ in iter_shard_samples(shards, n_images)]
     prompt = prompt_tokens(tok)
     spec_t, greedy_t, calls, tokens, same = [], [], 0, 0, True
     for r in range(repeats):

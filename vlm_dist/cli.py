@@ -166,10 +166,9 @@ def generate_cmd(
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
     import json
 
-    import open_clip
     import torch
 
-    from vlm_dist.data.images import ImageReject, decode_rgb
+    from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import generate_text
     from vlm_dist.infer.load import ExportError, load_exported
 
@@ -178,13 +177,12 @@ def generate_cmd(
     except ExportError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
-    size = cfg.vision.geometry["image_size"]
-    transform = open_clip.image_transform(size, is_train=False)
+    to_tensor = ImageToTensor(cfg.vision.geometry["image_size"])
     tensors = []
     for path in image:
         try:
-            tensors.append(transform(decode_rgb(path.read_bytes(), size)))
-        except (OSError, ImageReject) as err:
+            tensors.append(to_tensor(path.read_bytes()))
+        except OSError as err:  # missing file, or PIL's UnidentifiedImageError
             typer.echo(f"error: cannot read image {path}: {err}", err=True)
             raise typer.Exit(2)
     if speculative:

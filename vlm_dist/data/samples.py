@@ -30,14 +30,26 @@ def wanted_member(fname: str) -> bool:
     return "." in base and base.split(".", 1)[1].lower() in WANTED
 
 
+class ImageToTensor:
+    """The model's image input, shared by training and inference so they cannot drift apart:
+    JPEG bytes -> draft-mode decode (decode_rgb) -> open_clip's eval transform -> (3, S, S) float32."""
+
+    def __init__(self, size: int):
+        import open_clip
+
+        self.size = size
+        self.transform = open_clip.image_transform(size, is_train=False)
+
+    def __call__(self, raw: bytes) -> torch.Tensor:
+        return self.transform(decode_rgb(raw, self.size))
+
+
 class SamplePreparer:
     """Callable turning one raw webdataset sample (bytes per extension) into one prepared sample."""
 
     def __init__(self, cfg: RunConfig, seed: int):
-        import open_clip
-
         self.image_size = cfg.model.vision.geometry["image_size"]
-        self.transform = open_clip.image_transform(self.image_size, is_train=False)
+        self.to_tensor = ImageToTensor(self.image_size)
         self.tok = get_tokenizer()
         self.max_len = cfg.data.max_text_len
         self.n_future = cfg.model.n_future
@@ -66,7 +78,7 @@ class SamplePreparer:
         example, question = self._example(target, question, captions, rng)
         if question is None and kind == "qa":  # the question did not fit: fell back to a caption
             kind, refs = "caption", captions
-        image = self.transform(decode_rgb(raw["jpg"], self.image_size))  # (3, H, W) float32
+        image = self.to_tensor(raw["jpg"])  # (3, H, W) float32
         return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
                 "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
 

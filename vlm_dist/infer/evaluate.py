@@ -4,7 +4,7 @@ question, and score them (exact match, Q&A accuracy; BLEU/ROUGE-L/CIDEr with pyc
     vlm-dist eval --model exports/demo --shards data/demo/shards/val --out runs/demo/eval.json
 
 Validation shards are read directly (every caption and every question of every image, not the
-training loader's one-per-image choice), decoding only the .jpg and .json members.
+training loader's one-per-image choice); like the loader, only .jpg/.json/.txt members are read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from vlm_dist.text import get_tokenizer
+from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
 def normalise(text: str) -> str:
@@ -30,10 +30,11 @@ def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[
     import webdataset as wds
 
     from vlm_dist.data.manifest import resolve_shards
+    from vlm_dist.data.samples import wanted_member
 
     n = 0
     for shard in resolve_shards(shards):
-        for raw in wds.tarfile_samples([{"url": shard.url}], select_files=lambda f: f.endswith((".jpg", ".json"))):
+        for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
             if limit is not None and n >= limit:
                 return
             yield raw["__key__"], raw["jpg"], json.loads(raw["json"])
@@ -84,24 +85,23 @@ def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[
 def evaluate_generation(model, shards: str, limit: int | None = None, batch_size: int = 32,
                         max_new_tokens: int = 24, progress: bool = True, meteor: bool = True) -> dict:
     """Greedy captions and answers for the shards; returns metrics and per-task predictions."""
-    import open_clip
     from tqdm import tqdm
 
-    from vlm_dist.data.images import decode_rgb
-    from vlm_dist.infer.generate import generate_text
+    from vlm_dist.data.samples import ImageToTensor
+    from vlm_dist.infer.generate import generate
 
-    size = model.cfg.vision.geometry["image_size"]
-    transform = open_clip.image_transform(size, is_train=False)
+    tok = get_tokenizer()
+    to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
     tasks = _tasks(shards, limit)
     max_new = min(max_new_tokens, model.cfg.max_seq_len - model.n_image_tokens - 24)  # room for a question prompt
     t0, n_tokens = time.perf_counter(), 0
     for i in tqdm(range(0, len(tasks), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk = tasks[i : i + batch_size]
-        images = torch.stack([transform(decode_rgb(t["jpg"], size)) for t in chunk])
-        outs = generate_text(model, images, [t["question"] for t in chunk], max_new_tokens=max_new)
-        for t, out in zip(chunk, outs):
-            t["prediction"] = out
-            n_tokens += len(get_tokenizer().encode(out)) + 1
+        images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
+        outs = generate(model, images, [prompt_tokens(tok, t["question"]) for t in chunk], max_new_tokens=max_new)
+        for t, ids in zip(chunk, outs):
+            t["prediction"] = tok.decode(ids)
+            n_tokens += len(ids) + 1  # + the end token (or the cut)
     seconds = time.perf_counter() - t0
     caps = [t for t in tasks if t["question"] is None]
     qas = [t for t in tasks if t["question"] is not None]

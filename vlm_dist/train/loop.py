@@ -11,6 +11,7 @@ there (see vlm_dist/data/loader.py).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -112,7 +113,7 @@ def setup(cfg: RunConfig, opts: RunOptions) -> Run:
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(__import__("json").dumps(ds, indent=2))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
     log.info(f"world size {info.world_size} on {info.device}, {precision(ds)}, ZeRO stage "
              f"{ds.get('zero_optimization', {}).get('stage', 0)}; global batch {global_batch} = {micro} micro x "
              f"{accum} accumulation x {info.world_size} ranks; {total} steps ({how})")
