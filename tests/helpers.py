@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from vlm_dist.train.dist import free_port  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,12 +22,6 @@ def make_demo_shards(root: Path, n_train: int = 64, n_val: int = 16, shard_size:
         shard_coco(paths["images"], [paths["captions"]], root / "shards" / name, vqa_questions=paths["vqa_questions"],
                    vqa_annotations=paths["vqa_annotations"], split=name, shard_size=shard_size, progress=False)
     return root / "shards"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_env(**extra: str) -> dict[str, str]:

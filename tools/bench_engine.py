@@ -351,9 +351,9 @@ def memory_worker(spec: dict) -> dict:
 
 def run_ranks(spec: dict, world: int, timeout: int) -> list[dict]:
     """memory_worker once per rank, as separate processes (the env recipe of tests/helpers.py)."""
-    from vlm_dist.train.dist import _free_port
+    from vlm_dist.train.dist import free_port
 
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
