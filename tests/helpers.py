@@ -32,15 +32,25 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_ranks(args: list[str], world: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    """Start `python -m vlm_dist.train ARGS` once per rank, torchrun-style (RANK/WORLD_SIZE/... set)."""
+def start_ranks(args: list[str], world: int, **extra_env: str) -> list[subprocess.Popen]:
+    """Start `python -m vlm_dist.train ARGS` once per rank, torchrun-style (RANK/WORLD_SIZE/... set), all
+    in one new process group (the job's: a fault hook may SIGKILL it, as a dying node would)."""
     port = str(free_port())
-    procs = []
+    procs: list[subprocess.Popen] = []
     for rank in range(world):
         env = train_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+        group = procs[0].pid if procs else 0
         procs.append(subprocess.Popen([sys.executable, "-m", "vlm_dist.train", *args], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      process_group=group))
+    return procs
+
+
+def run_ranks(args: list[str], world: int, timeout: int = 600, expect: int | None = 0,
+              **extra_env: str) -> list[subprocess.CompletedProcess]:
+    """Run a job to its end; every rank must exit with `expect` (None: any code)."""
+    procs = start_ranks(args, world, **extra_env)
     results = []
     try:
         for p in procs:
@@ -51,7 +61,8 @@ def run_ranks(args: list[str], world: int, timeout: int = 600) -> list[subproces
             if p.poll() is None:
                 p.kill()
     for rank, r in enumerate(results):
-        assert r.returncode == 0, f"rank {rank} failed ({r.returncode}):\n{r.stdout[-6000:]}"
+        assert expect is None or r.returncode == expect, \
+            f"rank {rank} exited with {r.returncode}, expected {expect}:\n{r.stdout[-6000:]}"
     return results
 
 

@@ -305,8 +305,7 @@ def count_held(engine, model, inner_params: list) -> dict[str, int]:
 def memory_worker(spec: dict) -> dict:
     import torch
     from bench_model import make_batch
-    from vlm_dist.train.dist import init_distributed
-    from vlm_dist.train.engine import build_engine
+    from vlm_dist.train.engine import build_engine, init_distributed
 
     info = init_distributed()
     cfg, model = build_model(spec["preset"], None, info.device)
@@ -500,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     result: dict = {"env": env, "overhead": [], "memory": []}
     if "overhead" in parts:
-        from vlm_dist.train.dist import init_distributed
+        from vlm_dist.train.engine import init_distributed
 
         init_distributed()  # a world of one
         for item in args.runs.split(","):

@@ -165,6 +165,28 @@ class TrainConfig(Section):
     generate_images: int = Field(16, gt=0, description="Validation images for the in-training generation eval.")
     save_every: int = Field(200, gt=0, description="Save a step checkpoint every N optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Step checkpoints to keep (epoch and best checkpoints are kept apart).")
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="A step whose gradients are not finite (on any rank) is never applied: `skip` counts it "
+        "and goes on (stopping after `max_skipped_in_a_row` in a row), `stop` ends the run at the first one.",
+    )
+    max_skipped_in_a_row: int = Field(
+        3, gt=0, description="Consecutive skipped (non-finite) steps after which the run stops, naming the first "
+        "layer whose gradient went non-finite and the last good checkpoint.",
+    )
+    stop_signals: list[str] = Field(
+        ["SIGTERM", "SIGUSR1"], description="Signals that make every rank save a checkpoint at the next step and "
+        "exit with code 75 (what SLURM and Kubernetes send before killing a job). [] = default handling.",
+    )
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _known_signals(cls, names: list[str]) -> list[str]:
+        import signal
+
+        bad = [n for n in names if not (n.startswith("SIG") and hasattr(signal, n)) or n in ("SIGKILL", "SIGSTOP")]
+        if bad:
+            raise ValueError(f"{bad} are not catchable signals; use names such as SIGTERM, SIGUSR1")
+        return names
 
 
 class LogConfig(Section):
@@ -172,6 +194,10 @@ class LogConfig(Section):
     grad_stats_every: int = Field(50, ge=0, description="Per-layer gradient statistics every N steps (0 = off).")
     histograms_every: int = Field(200, ge=0, description="Weight/gradient histograms every N steps (0 = off).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN/tb/ (rank 0 only).")
+    sample_keys: bool = Field(
+        False, description="Every rank appends the keys of the samples of each step to RUN/samples/rank{R}.jsonl "
+        "(an audit of the data order: which samples each step saw, across resumes and world-size changes).",
+    )
     token_images: int = Field(
         4, ge=0, description="Validation samples (the first of rank 0's val loader) drawn at each eval as token-"
         "comparison images: ground truth vs teacher-forced prediction per head, green right / red wrong.",

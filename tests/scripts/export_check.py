@@ -22,8 +22,8 @@ from vlm_dist.infer.export import export
 from vlm_dist.infer.load import load_exported
 from vlm_dist.model import VLM
 from vlm_dist.train import checkpoint as ckpt
-from vlm_dist.train.dist import barrier, init_distributed
-from vlm_dist.train.engine import build_engine
+from vlm_dist.train.dist import barrier
+from vlm_dist.train.engine import build_engine, init_distributed
 
 
 def batch(seed: int, B: int = 4, T: int = 12, n_future: int = 2):

@@ -151,3 +151,12 @@ class GradObserver:
             norm = sum(sq_norm(b) for b in before[layer])
             ratios[f"update_ratio/{layer}"] = math.sqrt(delta) / max(math.sqrt(norm), 1e-30)
         log.scalars(step, ratios, split="grad")
+
+    def first_nonfinite_layer(self, loss_scale: float = 1.0) -> str | None:
+        """The first layer (in model order) whose accumulated gradient holds a NaN/Inf, or None.
+        Call on every rank before engine.step() (collectives); the full gradients are the same on
+        every rank, so all ranks stop gathering at the same layer."""
+        for layer, params in self.groups.items():
+            if any(not bool(torch.isfinite(g).all()) for g in self._grads(params, loss_scale)):
+                return layer
+        return None

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
 
 
@@ -32,16 +33,38 @@ class NullLogger:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+class ConsoleLogger(NullLogger):
+    """Messages only (rank 0 before the run's logger exists)."""
+
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+
+
+def truncate_jsonl(path: Path, after_step: int) -> int:
+    """Drop the records of steps > after_step (a resumed run logs them again); returns how many."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= after_step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)
+
+
 class RunLogger(NullLogger):
     def __init__(self, run_dir: Path, tensorboard: bool, total_steps: int, start_step: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)  # each step once after a resume
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            # purge_step: a resumed run hides the events a crashed session wrote past its checkpoint
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stdout, disable=None)  # disable=None: no bar when stdout is not a terminal
         self._last_print = 0.0
@@ -57,8 +80,12 @@ class RunLogger(NullLogger):
         self.jsonl.write(json.dumps(record) + "\n")
 
     def histogram(self, step: int, tag: str, values: Any) -> None:
+        """Finite values only (TensorBoard cannot bin NaN/Inf; the grad stats count them); none -> no histogram."""
         if self.tb is not None:
-            self.tb.add_histogram(tag, values.detach().float().cpu() if hasattr(values, "detach") else values, step)
+            values = torch.as_tensor(values.detach() if hasattr(values, "detach") else values).float().cpu()
+            values = values[torch.isfinite(values)]
+            if values.numel():
+                self.tb.add_histogram(tag, values, step)
 
     def image(self, step: int, tag: str, render: Callable[[], Any]) -> None:
         """render() -> (H, W, 3) uint8 array, called only here (rank 0, TensorBoard on)."""

@@ -1,18 +1,31 @@
-"""Checkpoints through DeepSpeed's own save_checkpoint / load_checkpoint, under RUN/checkpoints/:
+"""Crash-safe checkpoints under RUN/checkpoints/, written through the engine's own save/load:
 
-    step{N}/   every train.save_every steps; the newest train.keep_last are kept
+    step{N}/   every train.save_every steps (and at a stop); the newest train.keep_last are kept
     epoch{E}/  at the end of each epoch (kept)
     best/      the lowest validation loss so far (not recorded in `latest`)
-    latest     DeepSpeed's pointer to the newest complete step/epoch checkpoint (`--resume auto`)
+    latest     the newest published step/epoch tag (DeepSpeed's pointer file, replaced atomically)
+    .tmp-{tag}/  a save in progress, or one a crash interrupted: never loaded
+    .old-{tag}/  the tag being replaced (e.g. the previous `best`) while the new one is published
 
-The client state carries the run position (step, epoch, micro-batches consumed in the epoch — the
-same on every rank, which is all the data loader needs to continue exactly), the best validation
-loss and the config. RNG states differ per rank, so each rank writes its own rng_rank{R}.pt.
+A tag holds the engine's files (DeepSpeed: model states, one optimizer shard per rank), one
+rng_rank{R}.pt per rank, run_config.json and, written last, checkpoint.json: the run position, the
+run's shape (see `run_shape`) and every file of the tag with its size. Save protocol (collective):
+
+    1. every rank writes its engine files and RNG state into .tmp-{tag}     (rank 0 cleared it first)
+    2. barrier; rank 0 lists the files, checks that every rank's are there, writes checkpoint.json
+       (write-then-rename)
+    3. rank 0 publishes: {tag} -> .old-{tag} (if it exists), .tmp-{tag} -> {tag}, delete .old-{tag},
+       replace `latest` (write-then-rename); barrier
+A crash anywhere leaves the previous complete tag or the new one: `recover()` (rank 0, at start-up)
+finishes an interrupted publish or undoes it, and removes incomplete saves. `--resume auto` takes the
+newest tag whose checkpoint.json lists files that are all there, and says which it skipped and why.
+The checkpoints folder is assumed to be shared by all nodes (one rank writes checkpoint.json).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -24,8 +37,14 @@ import torch
 
 from vlm_dist.train.dist import barrier
 
-STEP_TAG = re.compile(r"^step(\d+)$")
+STEP_TAG = re.compile(r"^(step|epoch)(\d+)$")
 RUN_CONFIG_FILE = "run_config.json"  # the run config beside each tag, readable without unpickling
+META_FILE = "checkpoint.json"  # written last: a tag without it is incomplete
+TMP, OLD = ".tmp-", ".old-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked (incomplete, or made by a run of another shape)."""
 
 
 @dataclass
@@ -34,6 +53,7 @@ class TrainState:
     epoch: int = 0           # current epoch
     batch_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     best_val: float = float("inf")
+    skipped_steps: int = 0   # steps whose update was skipped (non-finite gradients), over the run
 
 
 def _rng_state() -> dict[str, Any]:
@@ -50,19 +70,130 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, tag: str, state: TrainState, config: dict, latest: bool = True) -> None:
-    """Every rank calls this (DeepSpeed's save is collective)."""
-    client = {"train_state": asdict(state), "config": config}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=latest)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{engine.global_rank}.pt")
-    if engine.global_rank == 0:
-        (ckpt_dir / tag / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename: readers see the old content or the new, never a part."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fault(point: str, rank: int, tag: str) -> None:
+    """Test hook: VLM_DIST_FAULT=POINT[:RANK]@TAG SIGKILLs the job's process group at a named point of the
+    save of TAG (saved: engine+RNG files written; meta: checkpoint.json written; swap: the old tag renamed
+    away, the new one not yet in place; published), as a dying node would. Unset in normal runs."""
+    spec, _, at = os.environ.get("VLM_DIST_FAULT", "").partition("@")
+    name, _, who = spec.partition(":")
+    if name == point and at == tag and (who == "" or int(who) == rank):
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def save(engine, ckpt_dir: Path, tag: str, state: TrainState, config: dict, shape: dict, world_size: int,
+         latest: bool = True) -> None:
+    """Every rank calls this. Returns once `tag` is published, complete, on every rank."""
+    rank = engine.rank
+    tmp = ckpt_dir / f"{TMP}{tag}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of the same tag
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     barrier()
+    engine.save(ckpt_dir, tmp.name, {"train_state": asdict(state), "config": config})
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    _fault("saved", rank, tag)
+    barrier()
+    if rank == 0:
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        missing = [f"rng_rank{r}.pt" for r in range(world_size) if f"rng_rank{r}.pt" not in files]
+        if missing:
+            raise CheckpointError(f"{tmp}: {', '.join(missing)} missing after every rank saved: is {ckpt_dir} "
+                                  f"on a filesystem shared by all nodes?")
+        meta = {"tag": tag, "state": asdict(state), "shape": shape, "world_size": world_size, "files": files}
+        write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
+        _fault("meta", rank, tag)
+        _publish(ckpt_dir, tag, fault=lambda: _fault("swap", rank, tag))
+        _fault("published", rank, tag)
+        if latest:
+            write_atomic(ckpt_dir / "latest", tag)
+    barrier()
+
+
+def _publish(ckpt_dir: Path, tag: str, fault=lambda: None) -> None:
+    final, tmp, old = ckpt_dir / tag, ckpt_dir / f"{TMP}{tag}", ckpt_dir / f"{OLD}{tag}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        fault()
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(tag_dir: Path) -> dict | None:
+    try:
+        return json.loads((tag_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def incomplete_reason(tag_dir: Path) -> str | None:
+    """None if `tag_dir` is a complete checkpoint, else why not."""
+    meta = read_meta(tag_dir)
+    if meta is None:
+        return f"no readable {META_FILE} (its save did not finish, or a vlm-dist older than 0.2 wrote it)"
+    for name, size in meta["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved"
+    return None
+
+
+def recover(ckpt_dir: Path) -> list[str]:
+    """Rank 0, before anything reads the folder: finish or undo an interrupted save/publish.
+    Returns what it did, one line each, for the log."""
+    notes: list[str] = []
+    if not ckpt_dir.is_dir():
+        return notes
+    for tmp in sorted(ckpt_dir.glob(f"{TMP}*")):
+        tag = tmp.name[len(TMP):]
+        if incomplete_reason(tmp) is None and not (ckpt_dir / tag).exists():
+            _publish(ckpt_dir, tag)
+            notes.append(f"published {tag}: its save was complete but interrupted before publishing")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            notes.append(f"removed {tmp.name}: an interrupted save")
+    for old in sorted(ckpt_dir.glob(f"{OLD}*")):
+        tag = old.name[len(OLD):]
+        if (ckpt_dir / tag).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(ckpt_dir / tag)
+            notes.append(f"restored {tag}: its replacement was interrupted")
+    tags = published_tags(ckpt_dir)
+    latest = ckpt_dir / "latest"
+    if tags and (not latest.is_file() or latest.read_text().strip() != tags[-1][1]):
+        write_atomic(latest, tags[-1][1])  # a crash between publishing and updating `latest`
+    return notes
+
+
+def published_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    """(step, tag) of the complete step/epoch tags, oldest first (`best` is not one of them)."""
+    out = []
+    for path in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        if STEP_TAG.match(path.name) and incomplete_reason(path) is None:
+            out.append((read_meta(path)["state"]["step"], path.name))
+    return sorted(out, key=lambda t: (t[0], t[1].startswith("step")))
 
 
 def prune_step_checkpoints(ckpt_dir: Path, keep: int, is_main: bool) -> list[str]:
     """Delete all but the newest `keep` step checkpoints (rank 0, after every rank finished saving)."""
-    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := STEP_TAG.match(p.name)))
+    steps = sorted((int(m.group(2)), p) for p in ckpt_dir.iterdir()
+                   if (m := STEP_TAG.match(p.name)) and m.group(1) == "step")
     doomed = [p for _, p in steps[:-keep]]
     if is_main:
         for path in doomed:
@@ -71,31 +202,48 @@ def prune_step_checkpoints(ckpt_dir: Path, keep: int, is_main: bool) -> list[str
     return [p.name for p in doomed]
 
 
-def resolve_resume(spec: str, ckpt_dir: Path) -> tuple[Path, str | None] | None:
-    """`none` -> None; `auto` -> the newest complete checkpoint if any; PATH -> a checkpoints folder
-    (its `latest`) or one tag folder inside it."""
+@dataclass(frozen=True)
+class ResumePoint:
+    ckpt_dir: Path
+    tag: str
+    meta: dict
+    skipped: tuple[str, ...] = ()  # "tag: why" of newer tags that were not complete
+
+
+def resolve_resume(spec: str, ckpt_dir: Path) -> ResumePoint | None:
+    """`none` -> None; `auto` -> the newest complete step/epoch checkpoint in `ckpt_dir`, if any; PATH ->
+    a checkpoints folder (its newest complete one) or one tag folder (which must be complete)."""
     if spec == "none":
         return None
-    if spec == "auto":
-        return (ckpt_dir, None) if (ckpt_dir / "latest").is_file() else None
-    path = Path(spec)
-    if (path / "latest").is_file():
-        return path, None
-    if path.is_dir() and path.parent.is_dir() and any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(
-        f"--resume {spec}: not a checkpoints folder (with a `latest` file) nor a checkpoint tag folder; "
-        f"use --resume auto, none, RUN/checkpoints or RUN/checkpoints/step100"
-    )
+    path = ckpt_dir if spec == "auto" else Path(spec)
+    if not path.is_dir():
+        if spec == "auto":
+            return None
+        raise FileNotFoundError(f"--resume {spec}: no such folder; use --resume auto, none, RUN/checkpoints or "
+                                f"RUN/checkpoints/step100")
+    if (path / META_FILE).exists() or STEP_TAG.match(path.name) or path.name == "best":  # one tag
+        why = incomplete_reason(path)
+        if why is not None:
+            raise CheckpointError(f"--resume {spec}: not a complete checkpoint: {why}; pass --resume auto to take "
+                                  f"the newest complete one in {path.parent}")
+        return ResumePoint(path.parent, path.name, read_meta(path))
+    skipped = tuple(f"{p.name}: {why}" for p in sorted(path.iterdir())
+                    if STEP_TAG.match(p.name) and (why := incomplete_reason(p)) is not None)
+    tags = published_tags(path)
+    if not tags:
+        if spec == "auto" and not skipped:
+            return None  # a new run
+        raise CheckpointError(f"--resume {spec}: no complete checkpoint in {path}" +
+                              (f" (skipped {'; '.join(skipped)})" if skipped else "") +
+                              "; pass --resume none to start afresh")
+    tag = tags[-1][1]
+    return ResumePoint(path, tag, read_meta(path / tag), skipped)
 
 
-def load(engine, where: tuple[Path, str | None], load_optimizer: bool = True) -> TrainState:
-    directory, tag = where
-    path, client = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load a checkpoint from {directory} (tag {tag or 'latest'})")
-    rng_file = Path(path).parent / f"rng_rank{engine.global_rank}.pt"  # path: the tag folder's model-states file
+def load(engine, where: ResumePoint, load_optimizer: bool = True, tag: str | None = None) -> TrainState:
+    """Load `where` (or its converted copy `tag`) into the engine and this rank's RNG states, if saved."""
+    engine.load(where.ckpt_dir, tag or where.tag, load_optimizer)
+    rng_file = where.ckpt_dir / where.tag / f"rng_rank{engine.rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    return TrainState(**client["train_state"])
+    return TrainState(**where.meta["state"])

@@ -4,11 +4,12 @@
 - A plain `python -m vlm_dist.train` sets nothing: we fill in a world of one, so DeepSpeed does not
   fall back to MPI discovery (which fails without mpi4py).
 Backend: NCCL on GPUs, gloo on CPUs (DeepSpeed's CPU accelerator would otherwise ask for oneCCL).
+The start-up itself (`init_distributed`) goes through DeepSpeed and so lives in train/engine.py; this
+module uses torch.distributed only.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
@@ -33,27 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def init_distributed() -> DistInfo:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:  # plain `python -m`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    accel = get_accelerator()
-    backend = "nccl" if accel.device_name() == "cuda" else "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if accel.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:

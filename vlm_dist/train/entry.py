@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, help="save a step checkpoint every N steps")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in RUN/checkpoints, if any), none, or a checkpoints/tag path [auto]")
+    p.add_argument("--elastic", action="store_true",
+                   help="resume a checkpoint made on another number of ranks: converts it to DeepSpeed's universal format "
+                   "and keeps the data streams and global batch, so training continues exactly (see vlm_dist/train/resume.py)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this session after N optimizer steps without changing the LR schedule (for time-limited "
                    "jobs); a later run with --resume auto continues")
@@ -53,17 +56,42 @@ def build_run_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix, reported as one message (no traceback)."""
+    from vlm_dist.data.loader import ShardMismatchError
+    from vlm_dist.data.manifest import ShardSpecError
+    from vlm_dist.train.checkpoint import CheckpointError
+    from vlm_dist.train.loop import NonFiniteStop
+
+    return ConfigError, FileNotFoundError, ShardSpecError, ShardMismatchError, CheckpointError, NonFiniteStop
+
+
+def report(err: BaseException, agreed: bool) -> None:
+    """One message per job: rank 0 prints what every rank hit alike; a failure of one rank's own (e.g.
+    its shard is damaged) is printed by that rank, named."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or not agreed:
+        where = "" if agreed else f"[rank {rank}] "
+        print(f"{where}error: {err}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    from vlm_dist.data.loader import ShardMismatchError
+    from vlm_dist.train.loop import Preempted, RunOptions, train
+    from vlm_dist.train.preempt import EXIT_ERROR
+
     try:
         cfg = build_run_config(args)
-        from vlm_dist.train.loop import RunOptions, train
-
         train(cfg, RunOptions(ds=args.ds, ds_overrides=args.ds_overrides, run_dir=args.run_dir, resume=args.resume,
-                                    stop_after=args.stop_after))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+                              elastic=args.elastic, stop_after=args.stop_after))
+    except Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    except expected_errors() as err:
+        report(err, agreed=not isinstance(err, ShardMismatchError))
+        return EXIT_ERROR
     return 0

@@ -4,9 +4,11 @@
         --train-shards data/demo/shards/train --val-shards data/demo/shards/val --run-dir runs/demo
 
 Each optimizer step consumes `gradient_accumulation_steps` micro-batches on every rank; the engine
-owns accumulation, clipping, the optimizer and the LR schedule. The run position (step, epoch,
+(train/engine.py, the only DeepSpeed caller) owns accumulation, clipping, the optimizer and the LR
+schedule, and skips an update whose gradients are not finite. The run position (step, epoch,
 micro-batches consumed in the epoch) is enough to resume exactly: the loader replays the epoch from
-there (see vlm_dist/data/loader.py).
+there (see vlm_dist/data/loader.py). After every step one small all-reduce gives all ranks the
+losses, counts and any stop request (train/preempt.py) at once.
 """
 
 from __future__ import annotations
@@ -14,149 +16,45 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-from vlm_dist.config import ConfigError, RunConfig, save_config
-from vlm_dist.data.loader import build_loader
-from vlm_dist.model import VLM
-from vlm_dist.observe.flops import memory_metrics, peak_flops, throughput_metrics, train_flops
-from vlm_dist.observe.gradstats import GradObserver
-from vlm_dist.observe.logger import NullLogger, make_logger
-from vlm_dist.observe.timing import StepTimer
+from vlm_dist.config import RunConfig
+from vlm_dist.observe.flops import memory_metrics, throughput_metrics, train_flops
 from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
 from vlm_dist.train import checkpoint as ckpt
-from vlm_dist.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from vlm_dist.train.dsconfig import batch_geometry, load_ds_config, precision, resolve_schedule
-from vlm_dist.train.engine import build_engine
+from vlm_dist.train.dist import all_reduce_sum, barrier
+from vlm_dist.train.preempt import EXIT_PREEMPTED
+from vlm_dist.train.setup import Run, RunOptions, setup
+
+__all__ = ["RunOptions", "train", "NonFiniteStop", "Preempted"]
 
 
-@dataclass
-class RunOptions:
-    """What the command line adds to the config: files, paths and the resume policy."""
-
-    ds: str = "ds_configs/zero2.json"
-    ds_overrides: list[str] = field(default_factory=list)
-    run_dir: str = "runs/default"
-    resume: str = "auto"
-    stop_after: int | None = None  # end this session after N more steps; the schedule still spans the run
+class NonFiniteStop(FloatingPointError):
+    """Too many non-finite steps in a row (or the first one, with train.on_nonfinite=stop)."""
 
 
-@dataclass
-class Run:
-    """Everything a training run holds, built once by `setup`."""
-
-    cfg: RunConfig
-    opts: RunOptions
-    info: DistInfo
-    engine: object
-    train_loader: object
-    val_loader: object | None
-    accum: int
-    steps_per_epoch: int
-    total_steps: int
-    dtype: torch.dtype
-    log: NullLogger
-    ckpt_dir: Path
-    state: ckpt.TrainState
-    stop_at: int
-    timer: StepTimer  # forward / backward / optimizer / observe sections of the current step
-    grads: GradObserver  # per-layer gradient statistics and histograms (collectives on every rank)
-    peak_flops: float | None  # the device's bf16 peak, for MFU (None on the CPU)
-
-
-def setup(cfg: RunConfig, opts: RunOptions) -> Run:
-    info = init_distributed()
-    if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards is not set: pass --train-shards DIR_OR_PATTERN (see `vlm-dist shard-coco`)")
-    ds = load_ds_config(opts.ds, opts.ds_overrides)
-    micro, accum, global_batch = batch_geometry(ds, info.world_size)
-    train_loader = build_loader(cfg, cfg.data.train_shards, rank=info.rank, world_size=info.world_size,
-                                micro_batch=micro, train=True)
-    val_loader = None
-    if cfg.data.val_shards:
-        val_loader = build_loader(cfg, cfg.data.val_shards, rank=info.rank, world_size=info.world_size,
-                                  micro_batch=micro, train=False)
-    steps_per_epoch = train_loader.batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"an epoch gives each rank {train_loader.batches_per_epoch} micro-batches, fewer than "
-            f"gradient_accumulation_steps={accum}: use more data, fewer ranks, or a smaller accumulation"
-        )
-    if cfg.train.max_steps is not None:
-        total, how = cfg.train.max_steps, f"--max-steps / train.max_steps={cfg.train.max_steps}"
-    elif cfg.data.resampled:
-        raise ConfigError("data.resampled=true streams forever: set --max-steps (train.max_steps)")
-    else:
-        total = cfg.train.epochs * steps_per_epoch
-        how = f"train.epochs={cfg.train.epochs} x {steps_per_epoch} steps/epoch"
-    note = resolve_schedule(ds, total, how)
-
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = VLM(cfg.model)
-    engine = build_engine(model, ds)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds)]
-
-    run_dir = Path(opts.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # dropout streams differ per rank
-    state = ckpt.TrainState()
-    where = ckpt.resolve_resume(opts.resume, ckpt_dir)
-    if where is not None:
-        state = ckpt.load(engine, where)  # restores each rank's RNG states too
-
-    log = make_logger(info.rank, run_dir, cfg.log.tensorboard, total, state.step)
-    if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
-    log.info(f"world size {info.world_size} on {info.device}, {precision(ds)}, ZeRO stage "
-             f"{ds.get('zero_optimization', {}).get('stage', 0)}; global batch {global_batch} = {micro} micro x "
-             f"{accum} accumulation x {info.world_size} ranks; {total} steps ({how})")
-    log.info(f"train data: {train_loader.describe()}")
-    if note:
-        log.info(note)
-    if where is not None:
-        log.info(f"resumed from {where[0] / (where[1] or '')} at step {state.step} (epoch {state.epoch}, "
-                 f"batch {state.batch_in_epoch})")
-    stop_at = total if opts.stop_after is None else min(total, state.step + opts.stop_after)
-    grads = GradObserver(engine.module, cfg.log.grad_stats_every, cfg.log.histograms_every,
-                         gather_grad=safe_get_full_grad, gather_param=safe_get_full_fp32_param)
-    return Run(cfg, opts, info, engine, train_loader, val_loader, accum, steps_per_epoch, total, dtype, log,
-               ckpt_dir, state, stop_at, StepTimer(info.device), grads, peak_flops(info.device))
+class Preempted(RuntimeError):
+    """A stop was requested (signal); a checkpoint was written. Exit code EXIT_PREEMPTED."""
+    exit_code = EXIT_PREEMPTED
 
 
 def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = run.info.device
     # The engine casts the module to bf16/fp16, not the inputs: images must follow; token ids stay integer.
-    return (batch["images"].to(dev, run.dtype, non_blocking=True), batch["input_ids"].to(dev, non_blocking=True),
+    return (batch["images"].to(dev, run.engine.dtype, non_blocking=True), batch["input_ids"].to(dev, non_blocking=True),
             batch["targets"].to(dev, non_blocking=True))
 
 
 def forward_backward(run: Run, batch: dict) -> torch.Tensor:
+    images, ids, targets = to_device(batch, run)
     with run.timer("forward"):
-        out = run.engine(*to_device(batch, run))
+        out = run.engine(images, ids, targets)
     with run.timer("backward"):
         run.engine.backward(out["loss"])
-    return out["head_losses"].float()
-
-
-def optimizer_step(run: Run, boundary: bool) -> None:
-    """engine.step() steps the optimizer only at the accumulation boundary; there, the gradient
-    observer reads the full gradients before it and the updated weights after it (on every rank)."""
-    if boundary:
-        scale = run.engine.optimizer.loss_scale if run.engine.fp16_enabled() else 1.0  # fp16 grads carry it
-        with run.timer("observe"):
-            run.grads.before_step(run.state.step + 1, run.log, scale)
-    with run.timer("optimizer"):
-        run.engine.step()
-    if boundary:
-        with run.timer("observe"):
-            run.grads.after_step(run.log)
+    return out["head_losses"].detach().float()
 
 
 def micro_batch_flops(run: Run, batch: dict) -> float:
@@ -165,37 +63,92 @@ def micro_batch_flops(run: Run, batch: dict) -> float:
     return train_flops(run.cfg.model, run.engine.module.vocab_size, B, T, n_targets)
 
 
-def train_step(run: Run, batches) -> dict[str, float]:
-    """One optimizer step over `accum` micro-batches; returns this step's metrics (loss over all ranks)."""
-    t0 = time.perf_counter()
-    lr = run.engine.get_lr()[0]  # the rate this step applies (the scheduler advances in engine.step)
-    head_losses, wait, tokens, flops = 0.0, 0.0, 0, 0.0
+def next_batches(run: Run, batches) -> tuple[list[dict], float]:
+    """The step's `accum` micro-batches and the time spent waiting for them."""
+    out, wait = [], 0.0
     for i in range(run.accum):
         t = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t
+        if i == 0 and run.state.step + 1 in run.poison:
+            batch = {**batch, "images": batch["images"] * float("nan")}
+        out.append(batch)
+    return out, wait
+
+
+def train_step(run: Run, batches) -> dict[str, float]:
+    """One optimizer step over `accum` micro-batches; returns this step's metrics (over all ranks)."""
+    t0 = time.perf_counter()
+    engine, state = run.engine, run.state
+    lr = engine.lr()  # the rate this step applies (the scheduler advances in engine.step)
+    micro, wait = next_batches(run, batches)
+    head_losses, tokens, flops = 0.0, 0, 0.0
+    for i, batch in enumerate(micro):
         tokens += int((batch["targets"][:, 0] != IGNORE_INDEX).sum())
         flops += micro_batch_flops(run, batch)
         head_losses = head_losses + forward_backward(run, batch)
-        optimizer_step(run, boundary=i == run.accum - 1)
-    run.state.step += 1
-    run.state.batch_in_epoch += run.accum
-    world = run.info.world_size
+        if i < run.accum - 1:
+            engine.step()  # no-op inside the accumulation window
+    # Every rank, before the update: the step's numbers and any stop request, in one all-reduce.
     n = len(run.cfg.model.head_weights)
-    summed = all_reduce_sum([*(head_losses / run.accum).tolist(), tokens, flops], run.info.device)
-    heads = summed[:n] / world
-    weights = torch.tensor(run.cfg.model.head_weights, dtype=torch.float64)
+    summed = all_reduce_sum([*(head_losses / run.accum).tolist(), tokens, flops, float(run.stop.requested())],
+                            run.info.device)
+    heads = summed[:n] / run.info.world_size
+    loss = float(torch.tensor(run.cfg.model.head_weights, dtype=torch.float64) @ heads)
+    with run.timer("observe"):
+        run.grads.before_step(state.step + 1, run.log, engine.loss_scale())
+        bad_layer = None
+        if not math.isfinite(loss) and (run.cfg.train.on_nonfinite == "stop" or
+                                        run.skipped_in_a_row + 1 >= run.cfg.train.max_skipped_in_a_row):
+            bad_layer = run.grads.first_nonfinite_layer(engine.loss_scale()) or "none (the loss itself)"
+    with run.timer("optimizer"):
+        applied = engine.step()
+    with run.timer("observe"):
+        run.grads.after_step(run.log)
+    state.step += 1
+    state.batch_in_epoch += run.accum
+    if run.cfg.log.sample_keys:
+        write_sample_keys(run, micro)
+    run.skipped_in_a_row = 0 if applied else run.skipped_in_a_row + 1
+    state.skipped_steps += not applied
+    if not applied:
+        on_skipped_step(run, loss, bad_layer)
     elapsed = time.perf_counter() - t0
-    metrics = {"loss": float((weights * heads).sum()), "lr": lr,
+    metrics = {"loss": loss, "lr": lr, "skipped": float(not applied), "skipped_steps": state.skipped_steps,
                "step_time": elapsed, "data_wait": wait, "tokens_per_s": float(summed[n]) / elapsed,
-               "samples_per_s": run.accum * len(batch["keys"]) * world / elapsed, **run.timer.totals(),
-               **throughput_metrics(float(summed[n + 1]), elapsed, world, run.peak_flops),
+               "samples_per_s": run.accum * len(micro[0]["keys"]) * run.info.world_size / elapsed,
+               "stop_requested": float(summed[n + 2] > 0), **run.timer.totals(),
+               **throughput_metrics(float(summed[n + 1]), elapsed, run.info.world_size, run.peak_flops),
                **memory_metrics(run.info.device)}
-    grad_norm = run.engine.get_global_grad_norm()
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
+    grad_norm = engine.grad_norm()
+    if grad_norm is not None and applied:
+        metrics["grad_norm"] = grad_norm
     metrics.update({f"loss_head{k}": float(v) for k, v in enumerate(heads)})
     return metrics
+
+
+def on_skipped_step(run: Run, loss: float, bad_layer: str | None) -> None:
+    """The engine skipped the update (non-finite gradients on some rank): count it, or stop."""
+    cfg, step = run.cfg.train, run.state.step
+    if run.info.is_main:
+        run.log.warn(f"step {step}: non-finite gradients (loss {loss}); the update was skipped "
+                     f"({run.skipped_in_a_row} in a row, {run.state.skipped_steps} in the run)")
+    if cfg.on_nonfinite == "stop" or run.skipped_in_a_row >= cfg.max_skipped_in_a_row:
+        tags = ckpt.published_tags(run.ckpt_dir)
+        last = f"{run.ckpt_dir / tags[-1][1]} (step {tags[-1][0]})" if tags else "none yet"
+        raise NonFiniteStop(
+            f"{run.skipped_in_a_row} step(s) in a row up to step {step} had non-finite gradients; the first layer "
+            f"whose gradient went non-finite: {bad_layer or 'unknown (the loss was finite: the gradient overflowed)'}. "
+            f"Last good checkpoint: {last}. Lower the learning rate or check the data, then resume; "
+            f"train.max_skipped_in_a_row={cfg.max_skipped_in_a_row}, train.on_nonfinite={cfg.on_nonfinite}")
+
+
+def write_sample_keys(run: Run, micro: list[dict]) -> None:
+    """log.sample_keys: this rank's samples of the step (padding repeats marked), for auditing data order."""
+    path = run.samples_dir / f"rank{run.info.rank}.jsonl"
+    keys = [k + ("#pad" if pad else "") for b in micro for k, pad in zip(b["keys"], b["is_pad"].tolist())]
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": run.state.step, "epoch": run.state.epoch, "keys": keys}) + "\n")
 
 
 @torch.no_grad()
@@ -235,9 +188,13 @@ def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | 
     return metrics
 
 
+def save(run: Run, tag: str, latest: bool = True) -> None:
+    ckpt.save(run.engine, run.ckpt_dir, tag, run.state, run.cfg.model_dump(mode="json"), run.shape,
+              run.info.world_size, latest=latest)
+
+
 def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
     cfg, state, step = run.cfg, run.state, run.state.step
-    config = cfg.model_dump(mode="json")
     if run.val_loader is not None and (step % cfg.train.eval_every == 0 or epoch_end):
         recorder = EvalRecorder(cfg.model.n_future, cfg.data.max_text_len - 1, cfg.log.token_images)
         metrics = evaluate(run, cfg.train.eval_batches, recorder)
@@ -246,13 +203,13 @@ def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
                      " ".join(f"{metrics[f'token_acc_head{k}']:.3f}" for k in range(cfg.model.n_future)))
         if metrics["loss"] < state.best_val:
             state.best_val = metrics["loss"]
-            ckpt.save(run.engine, run.ckpt_dir, "best", state, config, latest=False)
+            save(run, "best", latest=False)  # replaces the previous best only once complete
     if cfg.train.generate_every and step % cfg.train.generate_every == 0 and cfg.data.val_shards:
         generation_eval(run)
     if epoch_end:
-        ckpt.save(run.engine, run.ckpt_dir, f"epoch{state.epoch}", state, config)
+        save(run, f"epoch{state.epoch}")
     elif step % cfg.train.save_every == 0 or step in (run.total_steps, run.stop_at):
-        ckpt.save(run.engine, run.ckpt_dir, f"step{step}", state, config)
+        save(run, f"step{step}")
         ckpt.prune_step_checkpoints(run.ckpt_dir, cfg.train.keep_last, run.info.is_main)
 
 
@@ -262,7 +219,7 @@ def generation_eval(run: Run) -> None:
     on an export)."""
     from vlm_dist.infer.evaluate import evaluate_generation
 
-    if run.engine.zero_optimization_stage() >= 3:
+    if run.engine.zero_stage >= 3:
         run.log.warn_once("train.generate_every is ignored under ZeRO-3: export and run `vlm-dist eval` instead")
         return
     if run.info.is_main:
@@ -285,20 +242,29 @@ def run_epoch(run: Run) -> None:
     try:
         while state.batch_in_epoch + run.accum <= end and state.step < run.stop_at:
             metrics = train_step(run, batches)
-            if state.step % run.cfg.log.log_every == 0 or state.step == run.total_steps:
+            if state.step % run.cfg.log.log_every == 0 or state.step == run.total_steps or metrics["skipped"]:
                 run.log.scalars(state.step, metrics)
             run.log.progress(state.step, run.total_steps, epoch=state.epoch, loss=metrics["loss"],
                              lr=metrics["lr"], tok_s=round(metrics["tokens_per_s"]))
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {state.step}: lower the learning rate "
-                                         f"or check the data; the last good checkpoint is in {run.ckpt_dir}")
-            if state.batch_in_epoch + run.accum > end:  # the epoch is complete
+            epoch_done = state.batch_in_epoch + run.accum > end
+            if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                maybe_eval_and_save(run, epoch_end=True)
+            if metrics["stop_requested"]:
+                stop_now(run)
+            maybe_eval_and_save(run, epoch_end=epoch_done)
+            if epoch_done:
                 return
-            maybe_eval_and_save(run)
     finally:
         del batches  # stops this epoch's DataLoader workers
+
+
+def stop_now(run: Run) -> None:
+    """Every rank, at the same step: save where we are and leave with EXIT_PREEMPTED."""
+    t0 = time.perf_counter()
+    save(run, f"step{run.state.step}")
+    ckpt.prune_step_checkpoints(run.ckpt_dir, run.cfg.train.keep_last, run.info.is_main)
+    raise Preempted(f"stop requested ({run.stop.reason or 'on another rank'}): saved step{run.state.step} in "
+                    f"{time.perf_counter() - t0:.1f} s under {run.ckpt_dir}; continue with --resume auto")
 
 
 def train(cfg: RunConfig, opts: RunOptions) -> dict:
@@ -309,6 +275,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict:
         while run.state.step < run.stop_at:
             run_epoch(run)
     finally:
+        run.stop.close()
         run.log.close()
     return {"state": asdict(run.state), "seconds": time.time() - started, "total_steps": run.total_steps,
             "stopped_early": run.state.step < run.total_steps}
