@@ -1,0 +1,124 @@
+"""The checkpoint protocol on disk, with a stand-in engine (no DeepSpeed, one process): publish by
+rename, completeness, recovery of every interrupted state, the choice of `--resume auto`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm_dist.train import checkpoint as ckpt
+
+
+class FileEngine:
+    """Writes one model file and one optimizer shard, as a 1-rank DeepSpeed engine would."""
+    rank = 0
+
+    def __init__(self, payload: float = 1.0):
+        self.payload = payload
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.full((4,), self.payload), **client_state}, ckpt_dir / tag / "mp_rank_00_model_states.pt")
+        torch.save({"m": torch.zeros(4)}, ckpt_dir / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+    def load(self, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
+        return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def save(root: Path, tag: str, step: int, payload: float = 1.0, latest: bool = True) -> None:
+    ckpt.save(FileEngine(payload), root, tag, ckpt.TrainState(step=step), {"c": 1}, {"world_size": 1}, 1, latest)
+
+
+def test_save_publishes_a_complete_tag(tmp_path):
+    save(tmp_path, "step2", 2)
+    tag = tmp_path / "step2"
+    meta = ckpt.read_meta(tag)
+    assert ckpt.incomplete_reason(tag) is None and meta["state"]["step"] == 2 and meta["world_size"] == 1
+    assert set(meta["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  "rng_rank0.pt", "run_config.json"}
+    assert (tmp_path / "latest").read_text() == "step2"
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".old-*"))
+
+
+def test_best_is_replaced_whole(tmp_path):
+    save(tmp_path, "best", 3, payload=1.0, latest=False)
+    save(tmp_path, "best", 6, payload=2.0, latest=False)
+    assert ckpt.read_meta(tmp_path / "best")["state"]["step"] == 6
+    assert torch.equal(FileEngine().load(tmp_path, "best")["w"], torch.full((4,), 2.0))
+    assert not (tmp_path / "latest").exists()  # best is never `latest`
+
+
+def test_incomplete_reasons(tmp_path):
+    save(tmp_path, "step2", 2)
+    tag = tmp_path / "step2"
+    (tag / "rng_rank0.pt").write_bytes(b"x")
+    assert "rng_rank0.pt has 1 bytes" in ckpt.incomplete_reason(tag)
+    (tag / "rng_rank0.pt").unlink()
+    assert ckpt.incomplete_reason(tag) == "rng_rank0.pt is missing"
+    (tag / ckpt.META_FILE).unlink()
+    assert "no readable checkpoint.json" in ckpt.incomplete_reason(tag)
+
+
+def test_recover_every_interrupted_state(tmp_path):
+    save(tmp_path, "step2", 2)
+    save(tmp_path, "best", 2, payload=1.0, latest=False)
+    # an interrupted save (no checkpoint.json yet), a complete but unpublished one, a half-swapped best
+    save(tmp_path, "step4", 4)
+    (tmp_path / "step4").rename(tmp_path / ".tmp-step4")
+    (tmp_path / ".tmp-step4" / ckpt.META_FILE).unlink()
+    save(tmp_path, "step6", 6)
+    (tmp_path / "step6").rename(tmp_path / ".tmp-step6")
+    (tmp_path / "latest").write_text("step2")
+    save(tmp_path, "new-best", 5, payload=3.0, latest=False)
+    (tmp_path / "best").rename(tmp_path / ".old-best")
+    (tmp_path / "new-best").rename(tmp_path / ".tmp-best")
+    notes = ckpt.recover(tmp_path)
+    assert "removed .tmp-step4: an interrupted save" in notes
+    assert any(n.startswith("published step6") for n in notes) and any(n.startswith("published best") for n in notes)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["best", "step2", "step6"]
+    assert torch.equal(FileEngine().load(tmp_path, "best")["w"], torch.full((4,), 3.0))
+    assert (tmp_path / "latest").read_text() == "step6"
+    # an interrupted swap whose new best was NOT complete: the old best comes back
+    (tmp_path / "best").rename(tmp_path / ".old-best")
+    assert ckpt.recover(tmp_path) == ["restored best: its replacement was interrupted"]
+    assert ckpt.read_meta(tmp_path / "best")["state"]["step"] == 5
+
+
+def test_resume_auto_takes_the_newest_complete_and_says_what_it_skipped(tmp_path):
+    assert ckpt.resolve_resume("auto", tmp_path / "none-yet") is None
+    save(tmp_path, "step2", 2)
+    save(tmp_path, "epoch0", 4)
+    save(tmp_path, "step6", 6)
+    (tmp_path / "step6" / "rng_rank0.pt").unlink()
+    where = ckpt.resolve_resume("auto", tmp_path)
+    assert where.tag == "epoch0" and where.meta["state"]["step"] == 4
+    assert where.skipped == ("step6: rng_rank0.pt is missing",)
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint: rng_rank0.pt is missing"):
+        ckpt.resolve_resume(str(tmp_path / "step6"), tmp_path)
+    assert ckpt.resolve_resume(str(tmp_path / "step2"), tmp_path).tag == "step2"
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_resume_refuses_a_folder_with_only_incomplete_tags(tmp_path):
+    save(tmp_path, "step2", 2)
+    (tmp_path / "step2" / ckpt.META_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"no complete checkpoint .* \(skipped step2: no readable"):
+        ckpt.resolve_resume("auto", tmp_path)
+
+
+def test_prune_keeps_the_newest_step_tags(tmp_path):
+    for s in (2, 4, 6):
+        save(tmp_path, f"step{s}", s)
+    save(tmp_path, "epoch0", 5)
+    assert ckpt.prune_step_checkpoints(tmp_path, 2, True) == ["step2"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["epoch0", "step4", "step6"]
+
+
+def test_write_atomic_replaces(tmp_path):
+    ckpt.write_atomic(tmp_path / "latest", "step2")
+    ckpt.write_atomic(tmp_path / "latest", "step4")
+    assert (tmp_path / "latest").read_text() == "step4" and [p.name for p in tmp_path.iterdir()] == ["latest"]
