@@ -26,6 +26,7 @@ from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
 from vlm_dist.train import checkpoint as ckpt
 from vlm_dist.train.dist import all_reduce_sum, barrier
+from vlm_dist.train.engine import Engine
 from vlm_dist.train.preempt import EXIT_PREEMPTED
 from vlm_dist.train.setup import Run, RunOptions, setup
 
@@ -267,9 +268,9 @@ def stop_now(run: Run) -> None:
                     f"{time.perf_counter() - t0:.1f} s under {run.ckpt_dir}; continue with --resume auto")
 
 
-def train(cfg: RunConfig, opts: RunOptions) -> dict:
+def train(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> dict:
     """Run (or resume) training; returns the final state and last metrics on every rank."""
-    run = setup(cfg, opts)
+    run = setup(cfg, opts, make_engine)
     started = time.time()
     try:
         while run.state.step < run.stop_at:

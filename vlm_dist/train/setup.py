@@ -105,7 +105,8 @@ def _universal_copy(where: ckpt.ResumePoint, info: DistInfo) -> str:
     return name
 
 
-def setup(cfg: RunConfig, opts: RunOptions) -> Run:
+def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
+    """`make_engine(model, ds)`: the engine adapter (train/engine.py), or a stand-in with its methods."""
     info = init_distributed()
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is not set: pass --train-shards DIR_OR_PATTERN (see `vlm-dist shard-coco`)")
@@ -160,7 +161,7 @@ def setup(cfg: RunConfig, opts: RunOptions) -> Run:
     note = resolve_schedule(ds, total, how)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = Engine(VLM(cfg.model), ds)
+    engine = make_engine(VLM(cfg.model), ds)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # dropout streams differ per rank
     state = ckpt.TrainState()
     if where is not None:
