@@ -13,11 +13,11 @@ import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
 from tests.helpers import losses, make_demo_shards, train_env
-
-pytestmark = pytest.mark.slow  # two short in-process runs each
 from vlm_dist.config import load_config
 from vlm_dist.train.engine import Engine, param_groups
 from vlm_dist.train.loop import RunOptions, train
+
+pytestmark = pytest.mark.slow  # two short in-process runs each
 
 
 class TorchEngine:
