@@ -114,6 +114,10 @@ def train_step(run: Run, batches) -> dict[str, float]:
     state.skipped_steps += not applied
     if not applied:
         on_skipped_step(run, loss, bad_layer)
+    elif not math.isfinite(loss):  # an engine without an overflow check (no ZeRO) applied it: weights are lost
+        raise NonFiniteStop(f"loss is {loss} at step {state.step} and the engine applied the update (ZeRO stage "
+                            f"{engine.zero_stage} does not check gradients): use ZeRO stage >= 1, lower the learning "
+                            f"rate or check the data, and resume from the last checkpoint in {run.ckpt_dir}")
     elapsed = time.perf_counter() - t0
     metrics = {"loss": loss, "lr": lr, "skipped": float(not applied), "skipped_steps": state.skipped_steps,
                "step_time": elapsed, "data_wait": wait, "tokens_per_s": float(summed[n]) / elapsed,
