@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 
 from vlm_dist.config import ConfigError, load_config
+from vlm_dist.model.vision import PretrainedWeightsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,6 @@ def build_run_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     try:
         cfg = build_run_config(args)
@@ -65,5 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                                     stop_after=args.stop_after))
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PretrainedWeightsError as err:  # one message per failing node, not one per rank; no traceback
+        if err.report:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

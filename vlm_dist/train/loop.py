@@ -33,6 +33,7 @@ from vlm_dist.train import checkpoint as ckpt
 from vlm_dist.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from vlm_dist.train.dsconfig import batch_geometry, load_ds_config, precision, resolve_schedule
 from vlm_dist.train.engine import build_engine
+from vlm_dist.train.weights import fetch_once
 
 
 @dataclass
@@ -97,7 +98,7 @@ def setup(cfg: RunConfig, opts: RunOptions) -> Run:
     note = resolve_schedule(ds, total, how)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = VLM(cfg.model)
+    model = VLM(fetch_once(cfg.model, local_rank=info.local_rank, device=info.device))  # weights: once per node
     engine = build_engine(model, ds)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds)]
 
