@@ -155,7 +155,8 @@ def generate_cmd(
     model_dir: Path = typer.Option(..., "--model", help="An export folder (from `vlm-dist export`)."),
     image: List[Path] = typer.Option(..., "--image", help="Image file(s); repeat for a batch."),
     question: Optional[str] = typer.Option(None, "--question", help="Ask this about each image (default: caption it)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest continuation."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest continuation; lowered (with a "
+                                       "note) to what the model's context holds after the image and the prompt."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -169,14 +170,19 @@ def generate_cmd(
     import torch
 
     from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.generate import generate_text
+    from vlm_dist.infer.generate import fit_max_new_tokens, generate_text
     from vlm_dist.infer.load import ExportError, load_exported
+    from vlm_dist.text import get_tokenizer, prompt_tokens
 
     try:
         model, cfg = load_exported(model_dir)
-    except ExportError as err:
+        max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens,
+                                                  speculative)
+    except (ExportError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    if note:
+        typer.echo(note, err=True)
     to_tensor = ImageToTensor(cfg.vision.geometry["image_size"])
     tensors = []
     for path in image:
@@ -187,7 +193,6 @@ def generate_cmd(
             raise typer.Exit(2)
     if speculative:
         from vlm_dist.infer.speculative import speculative_generate
-        from vlm_dist.text import get_tokenizer, prompt_tokens
 
         if temperature > 0:
             raise typer.BadParameter("self-speculative decoding is greedy: drop --temperature", param_hint="--speculative")
