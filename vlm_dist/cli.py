@@ -100,6 +100,43 @@ def shard_coco_cmd(
     typer.echo(f"wrote {out}/manifest.json; rejects in {out}/rejects.jsonl")
 
 
+@app.command("index-shards")
+def index_shards_cmd(
+    directory: Path = typer.Argument(..., help="A folder of webdataset tars without manifest.json, e.g. img2dataset's "
+                                     "output ({key}.jpg/.txt/.json per sample, {shard}_stats.json)."),
+    write: bool = typer.Option(True, "--write/--dry-run", help="Write DIRECTORY/manifest.json (else only report)."),
+) -> None:
+    """Count the usable samples (image + caption) of each tar and write the manifest.json the loader sizes
+    epochs from. Samples without an image or a caption are counted by reason and skipped in training.
+    (Training also works without this step: the loader then scans the tars at every start.)"""
+    import json
+
+    from vlm_dist.data.index import format_index, index_directory
+    from vlm_dist.data.manifest import MANIFEST
+    from vlm_dist.data.shard import MANIFEST_FORMAT
+    from vlm_dist.data.tario import write_json_atomic
+
+    old = directory / MANIFEST
+    if old.is_file():
+        try:
+            fmt = json.loads(old.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt == MANIFEST_FORMAT:
+            typer.echo(f"error: {old} was written by shard-coco, which already counted these shards; nothing to do",
+                       err=True)
+            raise typer.Exit(2)
+    try:
+        index = index_directory(directory)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    typer.echo(format_index(index))
+    if write:
+        write_json_atomic(old, index)
+        typer.echo(f"wrote {old}")
+
+
 @app.command("demo-data")
 def demo_data_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write images/{train,val}2017/ and annotations/ into."),
