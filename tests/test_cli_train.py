@@ -10,9 +10,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import REPO, train_env
+from tests.helpers import REPO, losses, make_demo_shards, train_env
 from vlm_dist.cli import app, trainer_argv
 from vlm_dist.train.entry import parse_args
 
@@ -46,3 +47,16 @@ def test_trainer_argv_parses_to_the_same_options():
 def test_train_refuses_a_bad_config_with_exit_2():
     r = CliRunner().invoke(app, ["train", "--config", "tiny", "--set", "model.n_heads=3", "--train-shards", "x"])
     assert r.exit_code == 2 and "d_model=32 is not divisible by n_heads=3" in r.stderr, (r.output, r.exception)
+
+
+@pytest.mark.slow
+def test_train_one_rank_in_process(tmp_path):
+    shards = make_demo_shards(tmp_path / "data", n_train=16, n_val=0, shard_size=8)
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "vlm_dist.cli", "train", "--config", "tiny", "--train-shards",
+                        str(shards / "train"), "--run-dir", str(run_dir), "--max-steps", "2", "--ds-set",
+                        "train_micro_batch_size_per_gpu=4", "--ds-set", "bf16.enabled=false"],
+                       cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "world size 1 on cpu" in r.stdout + r.stderr
+    assert sorted(losses(run_dir)) == [1, 2] and (run_dir / "checkpoints" / "step2").is_dir()
