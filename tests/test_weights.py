@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import REPO, free_port, make_demo_shards, train_env
 from vlm_dist.config import ConfigError, load_config
 from vlm_dist.model.vision import PretrainedWeightsError
-from vlm_dist.train.weights import OpenClipHub, fetch_once
+from vlm_dist.train.weights import fetch_once
 
 HUB_REPO = "timm/vit_base_patch32_clip_224.openai"
 

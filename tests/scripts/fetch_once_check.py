@@ -6,7 +6,6 @@ call, so the test can count downloads per node.
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
