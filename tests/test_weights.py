@@ -51,6 +51,10 @@ def test_quick_gelu_follows_the_openai_weights():
     assert load_config("base", ["model.vision.pretrained=laion2b_s34b_b79k", "model.vision.quick_gelu=null"]
                        ).model.vision.quick_gelu is False
     assert load_config("tiny").model.vision.quick_gelu is False
+    named = ["model.vision.model_name=ViT-B-32-quickgelu", "model.vision.pretrained=null", "model.vision.freeze=false"]
+    assert load_config("base", named).model.vision.quick_gelu is True
+    with pytest.raises(ConfigError, match="always uses QuickGELU"):
+        load_config("base", [*named, "model.vision.quick_gelu=false"])
 
 
 # ---- the real open_clip / huggingface_hub path, offline --------------------------------------------

@@ -97,9 +97,13 @@ class VisionConfig(Section):
                     f"({', '.join(tags) or 'it has none'}) nor a path; set model.vision.pretrained to one of "
                     f"those tags or to /path/to/open_clip_checkpoint"
                 )
+        built_in = _model_quick_gelu(self.model_name)  # e.g. 'ViT-B-32-quickgelu' always has it
         if self.quick_gelu is None:
-            self.quick_gelu = bool(tag is not None and not _looks_like_path(tag)
-                                   and _pretrained_cfg(self.model_name, tag).get("quick_gelu", False))
+            self.quick_gelu = built_in or bool(tag is not None and not _looks_like_path(tag)
+                                               and _pretrained_cfg(self.model_name, tag).get("quick_gelu", False))
+        elif built_in and not self.quick_gelu:
+            raise ValueError(f"quick_gelu=false, but open_clip's {self.model_name!r} always uses QuickGELU; "
+                             f"drop model.vision.quick_gelu or pick a model name without '-quickgelu'")
         if self.freeze and tag is None and not self.allow_random_frozen:
             raise ValueError(
                 "model.vision.freeze=true with model.vision.pretrained=null would train beside a frozen, randomly initialised vision "
@@ -112,6 +116,13 @@ class VisionConfig(Section):
     @property
     def geometry(self) -> dict[str, int]:
         return vision_geometry(self.model_name)
+
+
+def _model_quick_gelu(model_name: str) -> bool:
+    import open_clip
+
+    vision_geometry(model_name)  # registers this package's towers; unknown names fail here, with the fix
+    return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
 
 
 def _pretrained_cfg(model_name: str, tag: str) -> dict:
