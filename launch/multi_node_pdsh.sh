@@ -28,8 +28,13 @@ MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 # Only NCCL*, PYTHON*, UCX*, MV2* and MLFLOW* variables reach the remote ranks on their own; the
 # others listed here are sent through a DeepSpeed env file (DS_ENV_FILE, one KEY=VALUE a line).
-FORWARD_ENV=(OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+FORWARD_ENV=(OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
              TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}")  # JIT-built ops cache
+# Hugging Face hub settings are forwarded only when set here: by default local rank 0 of each node
+# downloads pretrained weights once into that node's cache; HF_HUB_OFFLINE=1 for nodes without internet.
+for var in HF_HUB_OFFLINE HF_HOME HF_HUB_CACHE; do
+  if [[ -n "${!var:-}" ]]; then FORWARD_ENV+=("$var=${!var}"); fi
+done
 # NCCL settings clusters commonly need (exported here, they are forwarded to every node):
 #   export NCCL_SOCKET_IFNAME=eth0      # the interface that connects the nodes (also GLOO_SOCKET_IFNAME
 #                                       #   for the CPU/gloo backend: add it to FORWARD_ENV)

@@ -28,7 +28,8 @@ MASTER_ADDR=${MASTER_ADDR:-node-0}                     # node 0's address, reach
 MASTER_PORT=${MASTER_PORT:-29500}                      # the same on every node
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+# HF_HUB_OFFLINE is left as it is: local rank 0 of each node downloads pretrained weights into its HF
+# cache (HF_HOME) once; offline nodes need a filled cache or model.vision.pretrained=/path/to/file.
 # Across nodes, pick the interface that connects them: NCCL_SOCKET_IFNAME (GPUs) or
 # GLOO_SOCKET_IFNAME (CPU/gloo); see multi_node_pdsh.sh for other NCCL settings.
 # -------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ NUM_GPUS=${NUM_GPUS-8}      # ranks on this machine. Empty: let deepspeed read C
 MASTER_PORT=${MASTER_PORT:-29500}                      # change it to run two jobs on one machine
 DEEPSPEED=${DEEPSPEED:-deepspeed}                      # e.g. .venv/bin/deepspeed
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}           # torchrun's default; the deepspeed launcher sets none
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}             # no pretrained-weight lookups without a network
+# HF_HUB_OFFLINE is left as it is: with `base`, local rank 0 downloads the OpenAI weights once into the
+# HF cache (HF_HOME). Without a network set HF_HUB_OFFLINE=1 and fill the cache beforehand, or pass
+# --set model.vision.pretrained=/path/to/open_clip_checkpoint.
 # -------------------------------------------------------------------------------------------------
 
 cd "$(dirname "$0")/.."   # relative paths above are relative to the repository root

@@ -188,7 +188,7 @@ def test_launcher_resource_rules_on_cpu():
 
 def test_scripts_parse():
     scripts = sorted((REPO / "launch").glob("*.sh")) + sorted((REPO / "launch").glob("*.sbatch"))
-    assert len(scripts) == 4, scripts
+    assert len(scripts) == 5, scripts
     for script in scripts:
         r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert r.returncode == 0, (script.name, r.stderr)

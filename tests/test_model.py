@@ -163,7 +163,7 @@ def test_vision_checkpoint_saved_by_open_clip_loads_exactly(tmp_path, prefix):
         assert torch.equal(loaded[k], expected[k]), k
     # and differs from a fresh random init (the load did something)
     torch.manual_seed(0)
-    fresh = VisionEncoder(VisionConfig(model_name="vlm-tiny-vit")).tower.state_dict()
+    fresh = VisionEncoder(VisionConfig(model_name="vlm-tiny-vit", freeze=False)).tower.state_dict()
     assert not torch.equal(fresh["conv1.weight"], loaded["conv1.weight"])
 
 
@@ -188,7 +188,7 @@ def test_frozen_encoder_gets_no_gradient_trainable_does(freeze):
 
 
 def test_base_preset_builds_with_parameter_count(capsys):
-    cfg = load_config("base", ["model.vision.pretrained=null"]).model
+    cfg = load_config("base", ["model.vision.pretrained=null", "model.vision.allow_random_frozen=true"]).model
     model = VLM(cfg)
     n_vision = sum(p.numel() for p in model.vision.parameters())
     n_total = sum(p.numel() for p in model.parameters())  # tied weights counted once

@@ -57,7 +57,7 @@ from vlm_dist.text import IGNORE_INDEX, get_tokenizer, make_targets  # noqa: E40
 
 # The base preset names the 'openai' pretrained tag, which needs the hub: benchmarks use random weights
 # (same shapes, same freezing as the preset says).
-PRESET_OVERRIDES = {"base": ["model.vision.pretrained=null"]}
+PRESET_OVERRIDES = {"base": ["model.vision.pretrained=null", "model.vision.allow_random_frozen=true"]}
 MIB = 2**20
 
 

@@ -38,6 +38,28 @@ def config_show(
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@config_app.command("geometry")
+def config_geometry(
+    source: str = typer.Argument("tiny", help="A preset (tiny, demo, base) or a YAML/JSON config file."),
+    get: Optional[str] = typer.Option(None, "--get", help="Print only this value: image_size, patch_size, width or "
+                                      "n_tokens (e.g. shard-coco --resize $(vlm-dist config geometry base --get image_size))."),
+) -> None:
+    """The vision tower's input geometry (image size, patch size, width, image tokens) of a config."""
+    from vlm_dist.config import ConfigError, load_config
+
+    try:
+        geometry = load_config(source).model.vision.geometry
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2)
+    if get is not None:
+        if get not in geometry:
+            raise typer.BadParameter(f"one of {', '.join(geometry)}", param_hint="--get")
+        typer.echo(geometry[get])
+    else:
+        typer.echo(" ".join(f"{k}={v}" for k, v in geometry.items()))
+
+
 @config_app.command("fields")
 def config_fields() -> None:
     """List every configuration field with its default and description."""
@@ -54,6 +76,67 @@ def config_fields() -> None:
                 typer.echo(f"{prefix}{name} = {field.default!r}\n    {field.description}")
 
     walk(RunConfig, "")
+
+
+def trainer_argv(*, config: str, overrides: list[str], ds: str, ds_overrides: list[str], run_dir: str,
+                 train_shards: str | None, val_shards: str | None, max_steps: int | None, eval_every: int | None,
+                 save_every: int | None, resume: str, stop_after: int | None) -> list[str]:
+    """The `python -m vlm_dist.train` arguments for the `vlm-dist train` options (one flag each)."""
+    argv = ["--config", config, "--ds", ds, "--run-dir", run_dir, "--resume", resume]
+    argv += [a for o in overrides for a in ("--set", o)] + [a for o in ds_overrides for a in ("--ds-set", o)]
+    for flag, value in [("--train-shards", train_shards), ("--val-shards", val_shards), ("--max-steps", max_steps),
+                        ("--eval-every", eval_every), ("--save-every", save_every), ("--stop-after", stop_after)]:
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+@app.command("train")
+def train_cmd(
+    num_gpus: int = typer.Option(1, "--num-gpus", min=1, help="Ranks on this machine: 1 = train in this process; "
+                                 "N > 1 = start the DeepSpeed launcher (deepspeed --num_gpus N --module vlm_dist.train), "
+                                 "one rank per GPU (CPU ranks on a machine without GPUs). Several machines: launch/."),
+    master_port: int = typer.Option(29500, "--master-port", help="Rendezvous port (N > 1); change it to run two jobs "
+                                    "on one machine."),
+    config: str = typer.Option("demo", "--config", help="Preset (tiny, demo, base) or YAML/JSON run config."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a run-config field, e.g. --set "
+                                             "model.n_layers=4 (repeatable; `vlm-dist config fields` lists them)."),
+    ds: str = typer.Option("ds_configs/zero2.json", "--ds", help="DeepSpeed JSON: batch sizes, optimizer, schedule, "
+                           "precision, ZeRO stage."),
+    ds_set: Optional[List[str]] = typer.Option(None, "--ds-set", help="Override a DeepSpeed JSON field, e.g. --ds-set "
+                                               "zero_optimization.stage=3 (repeatable)."),
+    run_dir: str = typer.Option("runs/default", "--run-dir", help="Holds checkpoints/, tb/, metrics.jsonl, config."),
+    train_shards: Optional[str] = typer.Option(None, "--train-shards", help="Training shards: a shard-coco output dir, "
+                                               "a folder of webdataset tars (img2dataset), or a brace pattern of tars."),
+    val_shards: Optional[str] = typer.Option(None, "--val-shards", help="Validation shards (same forms)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps to run (default: train.epochs worth)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Save a step checkpoint every N steps."),
+    resume: str = typer.Option("auto", "--resume", help="auto (newest complete checkpoint in RUN/checkpoints, if any), "
+                               "none, or a checkpoints/tag path."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="End this session after N optimizer steps "
+                                             "without changing the LR schedule; a later --resume auto continues."),
+) -> None:
+    """Train the VLM on a DeepSpeed ZeRO engine (the same flags as `python -m vlm_dist.train`).
+
+    Exits 2 with one message on a bad configuration or unavailable pretrained weights.
+    """
+    import os
+    import subprocess
+    import sys
+
+    argv = trainer_argv(config=config, overrides=set_ or [], ds=ds, ds_overrides=ds_set or [], run_dir=run_dir,
+                        train_shards=train_shards, val_shards=val_shards, max_steps=max_steps, eval_every=eval_every,
+                        save_every=save_every, resume=resume, stop_after=stop_after)
+    if num_gpus == 1:
+        from vlm_dist.train.entry import main
+
+        raise typer.Exit(main(argv))
+    # The launcher sets no OMP_NUM_THREADS: N ranks x all cores each would oversubscribe the CPU.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_gpus)), **os.environ}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+           "--master_port", str(master_port), "--module", "vlm_dist.train", *argv]
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 @app.command("shard-coco")
@@ -98,6 +181,43 @@ def shard_coco_cmd(
         raise typer.Exit(2)
     typer.echo(format_summary(summary))
     typer.echo(f"wrote {out}/manifest.json; rejects in {out}/rejects.jsonl")
+
+
+@app.command("index-shards")
+def index_shards_cmd(
+    directory: Path = typer.Argument(..., help="A folder of webdataset tars without manifest.json, e.g. img2dataset's "
+                                     "output ({key}.jpg/.txt/.json per sample, {shard}_stats.json)."),
+    write: bool = typer.Option(True, "--write/--dry-run", help="Write DIRECTORY/manifest.json (else only report)."),
+) -> None:
+    """Count the usable samples (image + caption) of each tar and write the manifest.json the loader sizes
+    epochs from. Samples without an image or a caption are counted by reason and skipped in training.
+    (Training also works without this step: the loader then scans the tars at every start.)"""
+    import json
+
+    from vlm_dist.data.index import format_index, index_directory
+    from vlm_dist.data.manifest import MANIFEST
+    from vlm_dist.data.shard import MANIFEST_FORMAT
+    from vlm_dist.data.tario import write_json_atomic
+
+    old = directory / MANIFEST
+    if old.is_file():
+        try:
+            fmt = json.loads(old.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt == MANIFEST_FORMAT:
+            typer.echo(f"error: {old} was written by shard-coco, which already counted these shards; nothing to do",
+                       err=True)
+            raise typer.Exit(2)
+    try:
+        index = index_directory(directory)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    typer.echo(format_index(index))
+    if write:
+        write_json_atomic(old, index)
+        typer.echo(f"wrote {old}")
 
 
 @app.command("demo-data")
@@ -155,7 +275,8 @@ def generate_cmd(
     model_dir: Path = typer.Option(..., "--model", help="An export folder (from `vlm-dist export`)."),
     image: List[Path] = typer.Option(..., "--image", help="Image file(s); repeat for a batch."),
     question: Optional[str] = typer.Option(None, "--question", help="Ask this about each image (default: caption it)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest continuation."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest continuation; lowered (with a "
+                                       "note) to what the model's context holds after the image and the prompt."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -169,14 +290,19 @@ def generate_cmd(
     import torch
 
     from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.generate import generate_text
+    from vlm_dist.infer.generate import fit_max_new_tokens, generate_text
     from vlm_dist.infer.load import ExportError, load_exported
+    from vlm_dist.text import get_tokenizer, prompt_tokens
 
     try:
         model, cfg = load_exported(model_dir)
-    except ExportError as err:
+        max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens,
+                                                  speculative)
+    except (ExportError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    if note:
+        typer.echo(note, err=True)
     to_tensor = ImageToTensor(cfg.vision.geometry["image_size"])
     tensors = []
     for path in image:
@@ -187,7 +313,6 @@ def generate_cmd(
             raise typer.Exit(2)
     if speculative:
         from vlm_dist.infer.speculative import speculative_generate
-        from vlm_dist.text import get_tokenizer, prompt_tokens
 
         if temperature > 0:
             raise typer.BadParameter("self-speculative decoding is greedy: drop --temperature", param_hint="--speculative")

@@ -55,6 +55,10 @@ def vision_geometry(model_name: str) -> dict[str, int]:
     return {"image_size": image, "patch_size": patch, "width": v["width"], "n_tokens": (image // patch) ** 2}
 
 
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or "\\" in value or "." in value or Path(value).exists()
+
+
 class VisionConfig(Section):
     model_name: str = Field(
         "ViT-B-32",
@@ -63,14 +67,68 @@ class VisionConfig(Section):
     )
     pretrained: str | None = Field(
         None,
-        description="Vision weights: an open_clip pretrained tag (e.g. 'openai', needs the hub or its cache) "
-        "or the path of a local open_clip checkpoint file; null = random initialisation.",
+        description="Vision weights: an open_clip pretrained tag (e.g. 'openai': downloaded once from the "
+        "Hugging Face hub into its cache by local rank 0 of each node, then read from the cache) or the path of "
+        "a local open_clip checkpoint file; null = random initialisation.",
     )
     freeze: bool = Field(True, description="Freeze the vision tower (no gradients, not in the optimizer).")
+    allow_random_frozen: bool = Field(
+        False,
+        description="Allow freeze=true with pretrained=null: a tower that stays at its random initialisation "
+        "(for benchmarks and tests). Without it such a config is refused at load.",
+    )
+    quick_gelu: bool | None = Field(
+        None,
+        description="QuickGELU activation in the tower (what OpenAI's CLIP weights were trained with); null = "
+        "what the pretrained tag's open_clip config says (true for 'openai'), false without a tag. Stored "
+        "resolved, so an export rebuilds the activation it was trained with.",
+    )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "VisionConfig":
+        tag = self.pretrained
+        if tag is not None and not _looks_like_path(tag):
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+            if tag not in tags:
+                raise ValueError(
+                    f"pretrained={tag!r} is neither an open_clip pretrained tag of {self.model_name!r} "
+                    f"({', '.join(tags) or 'it has none'}) nor a path; set model.vision.pretrained to one of "
+                    f"those tags or to /path/to/open_clip_checkpoint"
+                )
+        built_in = _model_quick_gelu(self.model_name)  # e.g. 'ViT-B-32-quickgelu' always has it
+        if self.quick_gelu is None:
+            self.quick_gelu = built_in or bool(tag is not None and not _looks_like_path(tag)
+                                               and _pretrained_cfg(self.model_name, tag).get("quick_gelu", False))
+        elif built_in and not self.quick_gelu:
+            raise ValueError(f"quick_gelu=false, but open_clip's {self.model_name!r} always uses QuickGELU; "
+                             f"drop model.vision.quick_gelu or pick a model name without '-quickgelu'")
+        if self.freeze and tag is None and not self.allow_random_frozen:
+            raise ValueError(
+                "model.vision.freeze=true with model.vision.pretrained=null would train beside a frozen, randomly initialised vision "
+                "tower; set model.vision.pretrained (a tag such as 'openai', or /path/to/open_clip_checkpoint), "
+                "or model.vision.freeze=false to train the tower, or model.vision.allow_random_frozen=true "
+                "if a frozen random tower is really meant"
+            )
+        return self
 
     @property
     def geometry(self) -> dict[str, int]:
         return vision_geometry(self.model_name)
+
+
+def _model_quick_gelu(model_name: str) -> bool:
+    import open_clip
+
+    vision_geometry(model_name)  # registers this package's towers; unknown names fail here, with the fix
+    return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+
+
+def _pretrained_cfg(model_name: str, tag: str) -> dict:
+    import open_clip
+
+    return open_clip.get_pretrained_cfg(model_name, tag) or {}
 
 
 class ModelConfig(Section):
@@ -224,10 +282,11 @@ class RunConfig(Section):
 
 # Named presets: dicts of overrides on the defaults above (defaults = the seed's `base` model).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tests: builds and runs a step in well under a second on one CPU core.
+    # Tests: builds and runs a step in well under a second on one CPU core. Tests also freeze its
+    # random tower (--set model.vision.freeze=true), which this preset therefore allows.
     "tiny": {
         "model": {
-            "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
+            "vision": {"model_name": "vlm-tiny-vit", "freeze": False, "allow_random_frozen": True},
             "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 48, "n_future": 2,
         },
         "data": {"max_text_len": 24, "shuffle_buffer": 16, "num_workers": 0},
@@ -249,8 +308,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log": {"log_every": 10, "grad_stats_every": 50, "histograms_every": 200},
     },
     # The product model: OpenCLIP ViT-B-32 (frozen, OpenAI weights) + 24 blocks x 8 heads x 768.
+    # quick_gelu is set here, not left to the tag, so that the OpenAI weights given as a local file
+    # (model.vision.pretrained=/path/to/open_clip_checkpoint) keep the activation they were trained with.
     "base": {
-        "model": {"vision": {"model_name": "ViT-B-32", "pretrained": "openai", "freeze": True}, "n_future": 4},
+        "model": {"vision": {"model_name": "ViT-B-32", "pretrained": "openai", "freeze": True, "quick_gelu": True},
+                  "n_future": 4},
     },
 }
 

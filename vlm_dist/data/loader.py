@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import EpochPlan, Segment, batches_consumed, rng_for
+from vlm_dist.data.index import sample_problem
 from vlm_dist.data.manifest import resolve_shards
 from vlm_dist.data.samples import SamplePreparer, collate, wanted_member
 
@@ -53,6 +54,8 @@ def _range_samples(segments, select_files=wanted_member):
     """
     for seg in segments:
         src = wds.tarfile_samples([{"url": seg.url}], select_files=select_files)
+        # Indices count usable samples only (image + caption), as the manifest / scan counted them.
+        src = (raw for raw in src if sample_problem(raw) is None)
         got = 0
         for sample in islice(src, seg.start, seg.start + seg.count):
             sample["__pad__"] = seg.pad
@@ -152,9 +155,15 @@ class StreamingLoader:
 
     def describe(self) -> str:
         s = self.stats
-        return (f"{s['n_samples']} samples in {s['shards']} shard(s) over {s['slots']} stream(s): "
+        text = (f"{s['n_samples']} samples in {s['shards']} shard(s) over {s['slots']} stream(s): "
                 f"{self.batches_per_epoch} batches/epoch/rank, padding {s['planned_pad_rank']} repeat(s) on this "
                 f"rank, {s['planned_pad_all_ranks']} on all ranks" + (" (resampled)" if self.resampled else ""))
+        if s.get("skipped"):
+            text += f"; {s['skipped']} sample(s) without an image or a caption skipped"
+        if s.get("scanned"):
+            text += (f"; {s['scanned']} shard(s) had no manifest.json and were scanned at start-up "
+                     f"(`vlm-dist index-shards DIR` writes one)")
+        return text
 
     def __iter__(self):
         ds = copy.copy(self.dataset)  # this iteration's (epoch, skip): workers may start after we return
@@ -189,6 +198,9 @@ def build_loader(cfg: RunConfig, shards: str, *, rank: int, world_size: int, mic
     workers = cfg.data.num_workers if num_workers is None else num_workers
     streams = max(1, workers)
     seed = cfg.train.seed if seed is None else seed
-    plan = EpochPlan(resolve_shards(shards), n_slots=world_size * streams, micro_batch=micro_batch, seed=seed)
+    found = resolve_shards(shards)
+    plan = EpochPlan(found, n_slots=world_size * streams, micro_batch=micro_batch, seed=seed)
     ds = ShardStream(cfg, plan, rank=rank, n_workers=streams, micro_batch=micro_batch, train=train, seed=seed)
-    return StreamingLoader(ds, workers)
+    loader = StreamingLoader(ds, workers)
+    loader.stats.update(skipped=sum(s.skipped for s in found), scanned=sum(s.scanned for s in found))
+    return loader

@@ -1,11 +1,14 @@
-"""Find shards and their sample counts (from the manifest.json that `vlm-dist shard-coco` writes).
+"""Find shards and their sample counts (from the manifest.json that `vlm-dist shard-coco` or
+`vlm-dist index-shards` writes, or from a scan of the tars when a directory has none).
 
     from vlm_dist.data.manifest import resolve_shards
     shards = resolve_shards("data/shards/train")                        # a directory with manifest.json
     shards = resolve_shards("data/shards/train/train-{00000..00003}.tar")  # or a brace pattern / glob
+    shards = resolve_shards("data/cc3m")                                # img2dataset output: scanned
 
-The loader sizes every epoch from these counts before reading a byte of the tars, which is what
-lets all ranks agree on the number of batches up front.
+The loader sizes every epoch from these counts before it reads a sample, which is what lets all
+ranks agree on the number of batches up front. Counts are of usable samples (image + caption, see
+vlm_dist/data/index.py); the skipped ones are counted per shard.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import braceexpand
 
 MANIFEST = "manifest.json"
 HOW_TO = ("write shards with `vlm-dist shard-coco --images DIR --ann FILE --out DIR` "
-          "(or `vlm-dist demo-data` for the synthetic set), which also writes manifest.json")
+          "(or `vlm-dist demo-data` for the synthetic set), or index webdataset shards you already have "
+          "(img2dataset's {key}.jpg/.txt/.json layout) with `vlm-dist index-shards DIR`")
 
 
 class ShardSpecError(ValueError):
@@ -29,7 +33,9 @@ class ShardSpecError(ValueError):
 @dataclass(frozen=True)
 class Shard:
     url: str  # a local file path
-    samples: int
+    samples: int  # usable samples: what the loader will yield from it
+    skipped: int = 0  # samples without an image or a caption, dropped by the loader
+    scanned: bool = False  # counted by scanning the tar at start-up (its directory has no manifest.json)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -39,9 +45,27 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         counts = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ShardSpecError(f"{path} is damaged ({err}); rerun shard-coco to rewrite it") from None
-    return {"counts": counts, "split": manifest.get("split"), "path": str(path)}
+        skipped = {s["name"]: sum(s.get("skipped", {}).values()) for s in manifest["shards"]}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ShardSpecError(f"{path} is damaged ({err}); rerun shard-coco (or index-shards) to rewrite it") from None
+    return {"counts": counts, "skipped": skipped, "split": manifest.get("split"), "path": str(path), "scanned": False}
+
+
+def directory_counts(directory: Path, names: list[str] | None = None) -> dict:
+    """Counts from the directory's manifest.json, or, without one, from scanning its tars (all of them,
+    or `names`): img2dataset and other webdataset writers leave no manifest."""
+    if (directory / MANIFEST).is_file():
+        return read_manifest(directory)
+    from vlm_dist.data.index import index_directory
+
+    tars = None if names is None else [directory / n for n in names]
+    try:
+        index = index_directory(directory, tars)
+    except ValueError as err:
+        raise ShardSpecError(f"no {MANIFEST} in {directory} and {err}; {HOW_TO}") from None
+    return {"counts": {s["name"]: s["samples"] for s in index["shards"]},
+            "skipped": {s["name"]: sum(s["skipped"].values()) for s in index["shards"]},
+            "split": None, "path": None, "scanned": True}
 
 
 def _expand(spec: str) -> list[str]:
@@ -58,7 +82,7 @@ def resolve_shards(spec: str | Path | None) -> list[Shard]:
     spec = str(spec)
     if Path(spec).is_dir():
         directory = Path(spec)
-        counts = read_manifest(directory)["counts"]
+        counts = directory_counts(directory)["counts"]
         urls = [str(directory / name) for name in counts]
     else:
         urls = _expand(spec)
@@ -68,17 +92,20 @@ def resolve_shards(spec: str | Path | None) -> list[Shard]:
     if missing:
         raise ShardSpecError(f"{len(missing)} shard(s) of {spec!r} are missing, e.g. {missing[0]}; "
                              f"rerun shard-coco to complete them")
-    manifests: dict[Path, dict] = {}
+    by_dir: dict[Path, list[str]] = {}
+    for url in sorted(set(urls)):
+        by_dir.setdefault(Path(url).parent, []).append(Path(url).name)
+    found = {d: directory_counts(d, names) for d, names in by_dir.items()}
     shards = []
     for url in sorted(set(urls)):
-        directory = Path(url).parent
-        if directory not in manifests:
-            manifests[directory] = read_manifest(directory)["counts"]
-        name = Path(url).name
-        if name not in manifests[directory]:
-            raise ShardSpecError(f"{url} is not listed in {directory / MANIFEST}; rerun shard-coco on that directory")
-        if manifests[directory][name] > 0:
-            shards.append(Shard(url, manifests[directory][name]))
+        directory, name = Path(url).parent, Path(url).name
+        counts = found[directory]
+        if name not in counts["counts"]:
+            raise ShardSpecError(f"{url} is not listed in {directory / MANIFEST}; rerun shard-coco (or "
+                                 f"`vlm-dist index-shards {directory}`) on that directory")
+        if counts["counts"][name] > 0:
+            shards.append(Shard(url, counts["counts"][name], counts["skipped"].get(name, 0), counts["scanned"]))
     if not shards:
-        raise ShardSpecError(f"the shards of {spec!r} hold no samples (manifest counts are all 0)")
+        raise ShardSpecError(f"the shards of {spec!r} hold no usable samples (image + caption); "
+                             f"`vlm-dist index-shards DIR` shows what was skipped and why")
     return shards

@@ -58,10 +58,10 @@ class SamplePreparer:
 
     def __call__(self, raw: dict, epoch: int) -> dict:
         key, url = raw["__key__"], raw.get("__url__")
-        if "jpg" not in raw or "json" not in raw:
-            raise ValueError(f"sample {key!r} in {url} lacks a .jpg or .json member; shards must be written by "
-                             f"`vlm-dist shard-coco` (rerun it)")
-        meta = json.loads(raw["json"])
+        if "jpg" not in raw or ("json" not in raw and "txt" not in raw):
+            raise ValueError(f"sample {key!r} in {url} lacks a .jpg, or both .json and .txt; write shards with "
+                             f"`vlm-dist shard-coco` or index them with `vlm-dist index-shards`")
+        meta = json.loads(raw["json"]) if "json" in raw else {}  # img2dataset: caption in .txt
         captions = list(meta.get("captions") or [])
         if not captions and "txt" in raw:  # img2dataset-style shards: the caption lives in .txt
             captions = [raw["txt"].decode("utf-8").strip()]

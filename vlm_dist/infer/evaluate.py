@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -88,12 +89,15 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     from tqdm import tqdm
 
     from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.generate import fit_max_new_tokens, generate
 
     tok = get_tokenizer()
     to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
     tasks = _tasks(shards, limit)
-    max_new = min(max_new_tokens, model.cfg.max_seq_len - model.n_image_tokens - 24)  # room for a question prompt
+    longest = max(len(prompt_tokens(tok, t["question"])) for t in tasks)  # every batch's prompts fit
+    max_new, note = fit_max_new_tokens(model.cfg, longest, max_new_tokens)
+    if note and progress:
+        print(note, file=sys.stderr)
     t0, n_tokens = time.perf_counter(), 0
     for i in tqdm(range(0, len(tasks), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk = tasks[i : i + batch_size]

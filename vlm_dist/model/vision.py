@@ -31,22 +31,35 @@ def _register_configs() -> None:
         open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
 
 
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained vision weights cannot be had: a tag not in the hub cache with the hub unreachable or
+    offline, or a checkpoint file that is missing or does not fit the architecture. `report` is False
+    on ranks that only learned of another rank's failure (that rank prints the message)."""
+
+    def __init__(self, message: str, report: bool = True):
+        super().__init__(message)
+        self.report = report
+
+
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
     """open_clip's own model factory (and its weight loading), keeping only the visual tower.
 
     `cfg.pretrained` is an open_clip pretrained tag (downloaded or from the hub cache) or the path of
     a local open_clip checkpoint (a state dict, optionally under "state_dict", as open_clip_train
     writes it); open_clip loads either strictly into the full CLIP model, whose `.visual` we keep.
+    In training, vlm_dist.train.weights.fetch_once has put a tag's file in the cache before this runs.
     """
     _register_configs()
     try:
-        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, output_dict=False)
-    except Exception as err:  # open_clip raises RuntimeError / HF errors with varying types
-        where = "a local checkpoint file" if cfg.pretrained and "/" in cfg.pretrained else "the hub"
-        raise RuntimeError(
+        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, output_dict=False,
+                                      force_quick_gelu=bool(cfg.quick_gelu))
+    except Exception as err:  # open_clip raises RuntimeError / FileNotFoundError / HF errors with varying types
+        where = ("the local open_clip checkpoint file" if cfg.pretrained and "/" in cfg.pretrained
+                 else "the Hugging Face hub (or its cache)")
+        raise PretrainedWeightsError(
             f"could not build vision tower {cfg.model_name!r} with pretrained={cfg.pretrained!r} from {where}: "
-            f"{err}\nOffline? Pass the path of a local open_clip checkpoint as model.vision.pretrained, "
-            f"or set model.vision.pretrained=null for random weights."
+            f"{err}\nPass the path of a local open_clip checkpoint of this architecture as "
+            f"model.vision.pretrained=/path/to/open_clip_checkpoint"
         ) from err
     tower = clip.visual
     tower.output_tokens = True

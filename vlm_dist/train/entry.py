@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from vlm_dist.config import ConfigError, load_config
+from vlm_dist.model.vision import PretrainedWeightsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +78,6 @@ def report(err: BaseException, agreed: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from vlm_dist.data.loader import ShardMismatchError
     from vlm_dist.train.loop import Preempted, RunOptions, train
@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except PretrainedWeightsError as err:  # one message per failing node, not one per rank; no traceback
+        if err.report:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except expected_errors() as err:
         report(err, agreed=not isinstance(err, ShardMismatchError))
         return EXIT_ERROR

@@ -28,6 +28,7 @@ from vlm_dist.train.dist import DistInfo, barrier
 from vlm_dist.train.dsconfig import batch_geometry, load_ds_config, precision, resolve_schedule
 from vlm_dist.train.engine import Engine, init_distributed, to_universal
 from vlm_dist.train.preempt import StopRequest
+from vlm_dist.train.weights import fetch_once
 
 
 @dataclass
@@ -161,7 +162,7 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     note = resolve_schedule(ds, total, how)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = make_engine(VLM(cfg.model), ds)
+    engine = make_engine(VLM(fetch_once(cfg.model, local_rank=info.local_rank, device=info.device)), ds)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # dropout streams differ per rank
     state = ckpt.TrainState()
     if where is not None:
