@@ -232,8 +232,9 @@ class TrainConfig(Section):
         "layer whose gradient went non-finite and the last good checkpoint.",
     )
     stop_signals: list[str] = Field(
-        ["SIGTERM", "SIGUSR1"], description="Signals that make every rank save a checkpoint at the next step and "
-        "exit with code 75 (what SLURM and Kubernetes send before killing a job). [] = default handling.",
+        ["SIGTERM", "SIGUSR1", "SIGINT"], description="Signals that make every rank save a checkpoint at the next "
+        "step and exit with code 75 (SIGTERM/SIGUSR1: what SLURM and Kubernetes send before killing a job; SIGINT: "
+        "Ctrl-C, a second one stops at once). [] = default handling.",
     )
 
     @field_validator("stop_signals")

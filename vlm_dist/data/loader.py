@@ -30,6 +30,7 @@ not depend on timing and per-sample choices are seeded by (seed, epoch, key).
 from __future__ import annotations
 
 import copy
+import signal
 from itertools import islice
 
 import torch
@@ -118,6 +119,11 @@ class ShardStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # W workers x all cores each would oversubscribe the CPU
+    # A stop signal sent to the job's process group (Ctrl-C, `kill -TERM -- -PGID`, SLURM) reaches the
+    # workers too: they leave stopping to their rank, which saves a checkpoint and then shuts them down.
+    # (A worker whose rank dies exits by itself: DataLoader workers watch their parent.)
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class StreamingLoader:

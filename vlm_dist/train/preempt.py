@@ -8,8 +8,9 @@ signal is enough), save a step checkpoint and exit with EXIT_PREEMPTED.
 The DeepSpeed runner (the `deepspeed` command) dies on SIGTERM without telling its launcher, whose
 ranks would then train on as orphans. Started by that launcher, a rank therefore also treats the
 runner's exit (its launcher reparented) as a stop request. The supported ways to stop a job are thus
-`kill -TERM <pid of deepspeed>`, a signal to its process group (`kill -TERM -- -<pgid>`, Ctrl-C goes
-to the group too), or a signal to any rank.
+`kill -TERM <pid of deepspeed>`, a signal to its process group (`kill -TERM -- -<pgid>`; Ctrl-C goes
+to the group too: a second Ctrl-C stops at once, without a checkpoint), or a signal to any rank.
+DataLoader workers ignore these signals (data/loader.py): their rank stops them after saving.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         if self.reason is None:
             self.reason = f"received {signal.Signals(signum).name}"
+        elif signum == signal.SIGINT:  # a second Ctrl-C: stop now, without the checkpoint
+            raise KeyboardInterrupt
 
     def requested(self) -> bool:
         if self.reason is None and self._runner is not None and _ppid(self._launcher) != self._runner:
