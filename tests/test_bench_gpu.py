@@ -32,13 +32,13 @@ def test_cpu_smoke_runs_every_part(tmp_path):
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for part in ("train", "compile", "loader", "decode"):
+    for part in ("train", "compile", "bucket", "loader", "decode"):
         assert part in res and "error" not in res[part], (part, res.get(part))
 
     rows = res["train"]["rows"]  # the sweep: every micro-batch with checkpointing on AND off
     assert {(r["micro"], r["ckpt"]) for r in rows} == {(2, True), (2, False), (4, True), (4, False)}
     for r in rows:
-        assert r["status"] == "ok" and r["step_s"] > 0 and r["step_flops"] > 0
+        assert r["status"] == "ok" and r["step_s"] > 0 and r["back_to_back_s"] > 0 and r["step_flops"] > 0
         assert r["samples_s"] == pytest.approx(r["micro"] / r["step_s"])
         assert r["tflops"] == pytest.approx(r["step_flops"] / r["step_s"] / 1e12)
         assert r["mfu"] is None  # no peak on the CPU: MFU is left out, never invented
@@ -48,6 +48,10 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert comp["eager"]["status"] == "ok" and comp["compiled"]["status"] == "ok"
     assert comp["compiled"]["compiled"] == "aot_eager" and comp["compiled"]["compile_s"] > 0
     assert comp["eager"]["micro"] == comp["compiled"]["micro"]
+
+    buckets = res["bucket"]["rows"]  # the ds_config's fixed bucket, then the model's trainable size
+    assert [r["reduce_bucket_size"] for r in buckets] == [50_000_000, res["bucket"]["trainable"]]
+    assert all(r["status"] == "ok" for r in buckets) and 0 < res["bucket"]["trainable"] < 50_000_000
 
     loader = res["loader"]
     assert [r["workers"] for r in loader["rows"]] == [0, 2]
@@ -62,7 +66,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
         assert r["greedy_tokens"] == r["speculative_tokens"] > 0
 
     table = md.read_text()
-    for heading in ("### Training step", "### torch.compile", "### Loader", "### Decoding"):
+    for heading in ("### Training step", "### torch.compile", "### ZeRO-2 reduce bucket", "### Loader", "### Decoding"):
         assert heading in table
 
 

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -55,19 +56,30 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def timed_cmd(cmd: list[str], env: dict | None = None) -> float:
-    t = time.perf_counter()
+def cpu_now() -> float:
+    """CPU seconds (user + system) of this process and of every child process it has waited for
+    (children's waited-for descendants included: shard-coco's pool, DataLoader workers, tar)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measured(fn, images: int | None = None) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of fn(); fn returns the image count or None (= images)."""
+    t, c = time.perf_counter(), cpu_now()
+    got = fn()
+    return (got if got is not None else images), time.perf_counter() - t, cpu_now() - c
+
+
+def run_cmd(cmd: list[str], env: dict | None = None) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    dt = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return dt
 
 
 # --- 1. shard writing ------------------------------------------------------------------------------
 
 def shard_variants(photos: dict, out: Path, shard_size: int) -> dict:
-    """name -> callable running it once into an emptied folder; returns wall seconds."""
+    """name -> callable running it once into an emptied folder; returns (images, wall s, CPU s)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def fresh() -> Path:
@@ -76,41 +88,43 @@ def shard_variants(photos: dict, out: Path, shard_size: int) -> dict:
         return out
 
     def tar(fsync: bool):
-        def run() -> float:
+        def run():
             dest = fresh() / "photos.tar"
             cmd = ["tar", "cf", str(dest), "-C", str(photos["images"].parent), photos["images"].name]
-            if not fsync:
-                return timed_cmd(cmd)
-            return timed_cmd(["sh", "-c", " ".join(cmd) + f" && sync {dest}"])
+            if fsync:
+                cmd = ["sh", "-c", " ".join(cmd) + f" && sync {dest}"]
+            return measured(lambda: run_cmd(cmd), photos["n"])
         return run
 
     def shard(*extra: str):
-        def run() -> float:
-            return timed_cmd([sys.executable, "-m", "vlm_dist.cli", "shard-coco", "--images", str(photos["images"]),
-                              "--ann", str(photos["ann"]), "--out", str(fresh()), "--no-progress",
-                              "--shard-size", str(shard_size), *extra], env=env)
+        def run():
+            out_dir = fresh()
+            return measured(lambda: run_cmd(
+                [sys.executable, "-m", "vlm_dist.cli", "shard-coco", "--images", str(photos["images"]), "--ann",
+                 str(photos["ann"]), "--out", str(out_dir), "--no-progress", "--shard-size", str(shard_size), *extra],
+                env=env), photos["n"])
         return run
 
     return {"tar": tar(False), "tar + fsync": tar(True), "shard-coco": shard(),
             "shard-coco --workers 2": shard("--workers", "2"), "shard-coco --resize 256": shard("--resize", "256")}
 
 
-def interleave(variants: dict, rounds: int, log) -> dict[str, list[float]]:
+def interleave(variants: dict, rounds: int, log) -> dict[str, list[tuple]]:
+    """Each variant once per round, the order rotating; -> name: [(images, wall s, CPU s) per round]."""
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)
         for n in names[k:] + names[:k]:  # rotate the order each round: load drift hits all alike
             times[n].append(variants[n]())
-        secs = {n: times[n][-1][1] if isinstance(times[n][-1], tuple) else times[n][-1] for n in names}
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {s:.2f} s" for n, s in secs.items()))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1][1]:.2f} s" for n in names))
     return times
 
 
 # --- 2. loader vs naive ----------------------------------------------------------------------------
 
 def loader_variants(cfg, photos: dict, shards: Path, micro: int) -> dict:
-    """name -> callable returning (images, seconds)."""
+    """name -> callable returning (images, wall s, CPU s)."""
     import torch
     from PIL import Image
     from torchvision import transforms as T
@@ -126,28 +140,47 @@ def loader_variants(cfg, photos: dict, shards: Path, micro: int) -> dict:
     files = photos["files"]
 
     def naive():
-        t = time.perf_counter()
         for f in files:
             x = naive_tf(Image.open(f).convert("RGB"))
         assert x.shape == (3, size, size)
-        return len(files), time.perf_counter() - t
+        return len(files)
 
     def itt():
-        t = time.perf_counter()
         for f in files:
             x = to_tensor(f.read_bytes())
         assert x.shape == (3, size, size)
-        return len(files), time.perf_counter() - t
+        return len(files)
 
     def loader(workers: int):
-        def run():
-            r = loader_throughput(cfg, shards, workers, micro)
-            return r["images"], r["seconds"]
-        return run
+        return lambda: loader_throughput(cfg, shards, workers, micro)["images"]
 
     torch.set_num_threads(1)
-    return {"naive PIL + torchvision": naive, "ImageToTensor (draft decode)": itt,
-            "loader, 0 workers": loader(0), "loader, 1 worker": loader(1)}
+    named = {"naive PIL + torchvision": naive, "ImageToTensor (draft decode)": itt,
+             "loader, 0 workers": loader(0), "loader, 1 worker": loader(1)}
+    return {name: (lambda fn=fn: measured(fn)) for name, fn in named.items()}
+
+
+def table(runs: dict[str, list[tuple]], what: str, refs: list[str]) -> list[str]:
+    """Medians of images/s by wall time and by CPU time, and the ratios to each reference variant:
+    of the medians, and paired (median over rounds of the ratio within the round)."""
+    def rates(name: str, k: int) -> list[float]:
+        return [r[0] / r[k] for r in runs[name]]
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    head = f"| {what} | wall s: median (min..max) | images/s (wall) | images/CPU-s |"
+    for ref in refs:
+        head += f" vs {ref}: wall / paired wall / CPU |"
+    lines = [head, "|" + "---|" * (4 + len(refs))]
+    for n in runs:
+        wall = [r[1] for r in runs[n]]
+        row = (f"| {n} | {med(wall):.3f} ({min(wall):.3f}..{max(wall):.3f}) | {med(rates(n, 1)):.0f} "
+               f"| {med(rates(n, 2)):.0f} |")
+        for ref in refs:
+            paired = med([a / b for a, b in zip(rates(n, 1), rates(ref, 1))])
+            row += (f" {med(rates(n, 1)) / med(rates(ref, 1)):.3f} / {paired:.3f} "
+                    f"/ {med(rates(n, 2)) / med(rates(ref, 2)):.3f} |")
+        lines.append(row)
+    return lines
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -182,28 +215,15 @@ def main(argv: list[str] | None = None) -> dict:
     if "shard" in args.parts:
         times = interleave(shard_variants(photos, work / "out", args.shard_size), args.rounds, log)
         result["shard"] = times
-        tar_rate = args.photos / statistics.median(times["tar"])
-        lines += ["| writer | seconds: median (min..max) | images/s | vs tar | vs tar + fsync |", "|---|---|---|---|---|"]
-        fs_rate = args.photos / statistics.median(times["tar + fsync"])
-        for n, ts in times.items():
-            rate = args.photos / statistics.median(ts)
-            lines.append(f"| {n} | {statistics.median(ts):.3f} ({min(ts):.3f}..{max(ts):.3f}) | {rate:.0f} "
-                         f"| {rate / tar_rate:.3f} | {rate / fs_rate:.3f} |")
-        lines.append("")
+        lines += table(times, "writer", ["tar", "tar + fsync"]) + [""]
     if "loader" in args.parts:
         from benchlib.loader_bench import make_photo_shards
 
         cfg = load_config("base", ["model.vision.pretrained=null"])
         shards = make_photo_shards(work, args.photos, workers=2, shard_size=args.shard_size)["shards"]
-        runs = interleave({k: (lambda f=f: f()) for k, f in loader_variants(cfg, photos, shards, args.micro).items()},
-                          args.rounds, log)
-        rates = {n: [imgs / s for imgs, s in v] for n, v in runs.items()}
-        result["loader"] = {n: [list(x) for x in v] for n, v in runs.items()}
-        naive = statistics.median(rates["naive PIL + torchvision"])
-        lines += ["| pipeline (1 thread) | images/s: median (min..max) | vs naive |", "|---|---|---|"]
-        for n, r in rates.items():
-            lines.append(f"| {n} | {statistics.median(r):.0f} ({min(r):.0f}..{max(r):.0f}) | {statistics.median(r) / naive:.2f} |")
-        lines.append("")
+        runs = interleave(loader_variants(cfg, photos, shards, args.micro), args.rounds, log)
+        result["loader"] = runs
+        lines += table(runs, "pipeline (1 thread)", ["naive PIL + torchvision"]) + [""]
     env["load_end"] = os.getloadavg()
     env["wall_s"] = time.perf_counter() - t0
     lines.append(f"load average {env['load_start'][0]:.2f} at start, {env['load_end'][0]:.2f} at end; {env['wall_s']:.0f} s")

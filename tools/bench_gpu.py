@@ -16,7 +16,8 @@ What it measures (no download: random weights, model.vision.pretrained=null, the
                       + forward(frozen vision tower) + 2 x forward(projector)        [2N per token]
                       + attention scores 3 x 4 S^2 D per layer                        (S = 80, D = 768)
    from vlm_dist.observe.flops.train_flops (the same count the trainer logs; recompute not counted).
-2. torch.compile: DeepSpeed's engine.compile() (inductor) at the best micro-batch vs eager.
+2. torch.compile: DeepSpeed's engine.compile() (inductor) at the best micro-batch vs eager; and the
+   ZeRO reduce bucket: ds_configs' fixed 5e7 elements vs the model's trainable size (part "bucket").
 3. Loader: vlm_dist.data's streaming loader images/s with 4, 8 and 16 workers on shards of
    COCO-sized (640x480, photo-like) JPEGs this script makes, against the GPU's samples/s.
 4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8.
@@ -41,10 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_model, benchlib
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on the hub
 
+PARTS = ("train", "compile", "bucket", "decode", "loader")
 SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 2, "compile_backend": "aot_eager",
          "loader_workers": "0,2", "photos": 24, "loader_micro": 4, "decode_batches": "1,8", "new_tokens": 6,
          "decode_repeats": 1}
-FULL = {"preset": "base", "micros": "8,16,32,64,128,256,512", "warmup": 3, "steps": 10, "compile_backend": "inductor",
+FULL = {"preset": "base", "micros": "8,16,32,64,128,256,512,1024", "warmup": 3, "steps": 10, "compile_backend": "inductor",
         "loader_workers": "4,8,16", "photos": 4096, "loader_micro": 32, "decode_batches": "1,8", "new_tokens": 32,
         "decode_repeats": 3}
 
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="What and how: see the module docstring of tools/bench_gpu.py.")
     p.add_argument("--cpu-smoke", action="store_true", help="Run every part on the CPU at tiny shapes (< 1 min); no docs/ append.")
-    p.add_argument("--parts", default="train,compile,loader,decode", help="Any of train,compile,loader,decode. Default: %(default)s")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"Any of {','.join(PARTS)}. Default: %(default)s")
     p.add_argument("--ds", default=str(REPO / "ds_configs" / "zero2.json"), help="DeepSpeed JSON (ZeRO-2, bf16). Default: ds_configs/zero2.json")
     p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE", help="Override a DeepSpeed field (repeatable).")
     for key, help_ in [("preset", "Run-config preset"), ("micros", "Micro-batch sweep (ascending, stops at OOM)"),
@@ -76,9 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         elif isinstance(value, int):
             setattr(args, key, int(getattr(args, key)))
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = set(args.parts) - {"train", "compile", "loader", "decode"}
+    unknown = set(args.parts) - set(PARTS)
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from train, compile, loader, decode")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if args.append is None and not args.cpu_smoke:
         args.append = REPO / "docs" / "BENCHMARKS.md"
     return args
@@ -132,6 +134,15 @@ def part_compile(bench, args, results) -> dict:
     bench.drop_engine()
     compiled = bench.measure_compiled(best["micro"], best["ckpt"], args.compile_backend)
     return {"eager": eager, "compiled": compiled}
+
+
+def part_bucket(bench, args, results) -> dict:
+    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
+    if bench.trainable is None:
+        bench._engine()
+    fixed = bench.ds.get("zero_optimization", {}).get("reduce_bucket_size", int(5e8))
+    sizes = [int(fixed), int(bench.trainable)]
+    return {"trainable": bench.trainable, "rows": bench.measure_buckets(best["micro"], best["ckpt"], sizes)}
 
 
 def part_loader(cfg, args, workdir: Path) -> dict:
@@ -202,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_part("train", results, lambda: part_train(bench, args))
     if "compile" in args.parts:
         run_part("compile", results, lambda: part_compile(bench, args, results))
+    if "bucket" in args.parts:
+        run_part("bucket", results, lambda: part_bucket(bench, args, results))
     bench.drop_engine()
     if "decode" in args.parts:
         run_part("decode", results, lambda: part_decode(cfg, args, device))

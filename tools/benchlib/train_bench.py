@@ -120,6 +120,7 @@ class TrainBench:
     def __init__(self, cfg, ds: dict, device: torch.device, warmup: int = 3, steps: int = 10, log=print):
         self.cfg, self.ds, self.device, self.warmup, self.steps, self.log = cfg, ds, device, warmup, steps, log
         self.engine = None
+        self.trainable = None  # trainable parameters (elements), known once an engine is built
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.peak = peak_flops(device)
         self.batches: dict[int, tuple] = {}
@@ -129,10 +130,15 @@ class TrainBench:
         if self.engine is None:
             t = time.perf_counter()
             self.engine = build_trainer_engine(self.cfg, self.ds)
+            self.trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
             self.log(f"  engine built in {time.perf_counter() - t:.1f} s ({type(self.engine.optimizer).__name__})")
         return self.engine
 
     def drop_engine(self) -> None:
+        """Free the engine's memory: DeepSpeedEngine.destroy() first, without which something in
+        DeepSpeed 0.19.8 keeps the engine (weights, fp32 master, Adam moments) alive after `del`."""
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
         self.engine = None
         free_memory(self.device)
 
@@ -148,7 +154,10 @@ class TrainBench:
             self.batches[micro] = ((images.to(dev, self.dtype), ids.to(dev), targets.to(dev)), counts)
         return self.batches[micro]
 
-    def _timed_steps(self, engine, data) -> tuple[list[float], float, float]:
+    def _timed_steps(self, engine, data) -> tuple[list[float], float, float, float]:
+        """(per-step seconds, each step synchronised; memory before; peak memory; mean seconds of as many
+        steps run back to back with one synchronisation at the end). The trainer reads losses on the
+        host every step (a sync); back-to-back shows what the GPU does when the host never waits."""
         for _ in range(self.warmup):
             engine_step(engine, *data)
         sync(self.device)
@@ -161,13 +170,19 @@ class TrainBench:
             engine_step(engine, *data)
             sync(self.device)
             times.append(time.perf_counter() - t)
-        return times, before, self.probe.peak()
+        peak = self.probe.peak()
+        t = time.perf_counter()
+        for _ in range(self.steps):
+            engine_step(engine, *data)
+        sync(self.device)
+        return times, before, peak, (time.perf_counter() - t) / self.steps
 
-    def _row(self, micro: int, ckpt: bool, compiled: str | None, times, before, peak, counts, extra=None) -> dict:
+    def _row(self, micro: int, ckpt: bool, compiled: str | None, timing, counts, extra=None) -> dict:
+        times, before, peak, back_to_back = timing
         step = statistics.median(times)
         flops = train_flops(self.cfg.model, self.engine.module.vocab_size, micro, counts["text_len"], counts["n_targets"])
         row = {"micro": micro, "ckpt": ckpt, "compiled": compiled, "status": "ok", "step_s": step,
-               "min_s": min(times), "max_s": max(times), "samples_s": micro / step,
+               "min_s": min(times), "max_s": max(times), "back_to_back_s": back_to_back, "samples_s": micro / step,
                "text_tokens_s": counts["text_tokens"] / step, "seq_tokens_s": micro * counts["seq"] / step,
                "step_flops": flops, "tflops": flops / step / 1e12, "mfu": flops / step / self.peak if self.peak else None,
                "peak_gib": peak / GIB, "transient_gib": (peak - before) / GIB, "resident_gib": before / GIB,
@@ -178,24 +193,29 @@ class TrainBench:
                  + f", peak {row['peak_gib']:.2f} GiB")
         return row
 
-    def _failed(self, micro, ckpt, compiled, err) -> dict:
-        status = "OOM" if is_oom(err) else f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        if status != "OOM":
-            self.log(traceback.format_exc(limit=4))
+    def _failed(self, micro, ckpt, compiled, status: str) -> dict:
+        """Call OUTSIDE the except block: while the exception lives, its traceback's frames still hold
+        the failed step's tensors and nothing could be freed."""
         self.log(f"  micro {micro:4d} ckpt {'on ' if ckpt else 'off'} {compiled or 'eager'}: {status}")
         self.drop_engine()  # a ZeRO-2 step cut short leaves half-filled buckets behind
         return {"micro": micro, "ckpt": ckpt, "compiled": compiled, "status": status}
 
-    def measure(self, micro: int, ckpt: bool) -> dict:
+    def _status(self, err: BaseException) -> str:
+        if is_oom(err):
+            return "OOM"
+        self.log(traceback.format_exc(limit=4))
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+    def measure(self, micro: int, ckpt: bool, extra: dict | None = None) -> dict:
         """Median step over `steps` timed steps after `warmup`, eager, checkpointing as given."""
         try:
             engine = self._engine()
             engine.module.cfg.activation_checkpointing = ckpt
             data, counts = self.batch(micro)
-            times, before, peak = self._timed_steps(engine, data)
-            return self._row(micro, ckpt, None, times, before, peak, counts)
+            return self._row(micro, ckpt, None, self._timed_steps(engine, data), counts, extra)
         except Exception as err:  # noqa: BLE001 -- OOM (or any failure) becomes a row; the run goes on
-            return self._failed(micro, ckpt, None, err)
+            status = self._status(err)
+        return self._failed(micro, ckpt, None, status)
 
     def sweep(self, micros: list[int], ckpt_both: bool = True) -> list[dict]:
         """Ascending micro-batches, checkpointing on (and off, beside it, while that still fits); stops at
@@ -231,10 +251,23 @@ class TrainBench:
             engine_step(engine, *data)
             sync(self.device)
             compile_s = time.perf_counter() - t
-            times, before, peak = self._timed_steps(engine, data)
-            row = self._row(micro, ckpt, backend, times, before, peak, counts, {"compile_s": compile_s})
+            row = self._row(micro, ckpt, backend, self._timed_steps(engine, data), counts, {"compile_s": compile_s})
         except Exception as err:  # noqa: BLE001
-            row = self._failed(micro, ckpt, backend, err)
+            row = {"status": self._status(err)}
+        if row["status"] != "ok":
+            row = self._failed(micro, ckpt, backend, row["status"])
         self.drop_engine()  # a compiled module cannot be un-compiled: later parts get a fresh one
         torch._dynamo.reset()
         return row
+
+    def measure_buckets(self, micro: int, ckpt: bool, buckets: list[int]) -> list[dict]:
+        """The same step with zero_optimization.reduce_bucket_size set to each size (a fresh engine each)."""
+        rows, saved = [], self.ds
+        for size in buckets:
+            self.drop_engine()
+            self.ds = {**saved, "zero_optimization": {**saved.get("zero_optimization", {}), "reduce_bucket_size": size}}
+            self.log(f"  reduce_bucket_size {size:.3g}")
+            rows.append({**self.measure(micro, ckpt), "reduce_bucket_size": size})
+        self.ds = saved
+        self.drop_engine()
+        return rows
