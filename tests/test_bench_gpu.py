@@ -48,6 +48,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert comp["eager"]["status"] == "ok" and comp["compiled"]["status"] == "ok"
     assert comp["compiled"]["compiled"] == "aot_eager" and comp["compiled"]["compile_s"] > 0
     assert comp["eager"]["micro"] == comp["compiled"]["micro"]
+    assert comp["eager"]["ckpt"] is comp["compiled"]["ckpt"] is True  # --cpu-smoke compiles the checkpointed model
 
     buckets = res["bucket"]["rows"]  # the ds_config's fixed bucket, then the model's trainable size
     assert [r["reduce_bucket_size"] for r in buckets] == [50_000_000, res["bucket"]["trainable"]]

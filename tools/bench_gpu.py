@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_model,
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on the hub
 
 PARTS = ("train", "compile", "bucket", "decode", "loader")
-SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 2, "compile_backend": "aot_eager",
+SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 1, "compile_backend": "aot_eager", "compile_ckpt": "on",
          "loader_workers": "0,2", "photos": 24, "loader_micro": 4, "decode_batches": "1,8", "new_tokens": 6,
          "decode_repeats": 1}
 FULL = {"preset": "base", "micros": "8,16,32,64,128,256,512,1024", "warmup": 3, "steps": 10, "compile_backend": "inductor",
+        "compile_ckpt": "best",
         "loader_workers": "4,8,16", "photos": 4096, "loader_micro": 32, "decode_batches": "1,8", "new_tokens": 32,
         "decode_repeats": 3}
 
@@ -60,7 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE", help="Override a DeepSpeed field (repeatable).")
     for key, help_ in [("preset", "Run-config preset"), ("micros", "Micro-batch sweep (ascending, stops at OOM)"),
                        ("warmup", "Untimed steps before each measurement"), ("steps", "Timed steps per measurement"),
-                       ("compile_backend", "torch.compile backend"), ("loader_workers", "Loader worker counts"),
+                       ("compile_backend", "torch.compile backend"),
+                       ("compile_ckpt", "Checkpointing in the compile part: best (as the best sweep row), on or off"),
+                       ("loader_workers", "Loader worker counts"),
                        ("photos", "640x480 photos made for the loader part"), ("loader_micro", "Loader micro-batch"),
                        ("decode_batches", "Decoding batch sizes"), ("new_tokens", "Tokens decoded per row"),
                        ("decode_repeats", "Alternating greedy/speculative repeats")]:
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if args.compile_ckpt not in ("best", "on", "off"):
+        p.error(f"--compile-ckpt: best, on or off, not {args.compile_ckpt!r}")
     if args.append is None and not args.cpu_smoke:
         args.append = REPO / "docs" / "BENCHMARKS.md"
     return args
@@ -130,9 +135,10 @@ def best_row(rows: list[dict]) -> dict | None:
 
 def part_compile(bench, args, results) -> dict:
     best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
-    eager = bench.measure(best["micro"], best["ckpt"])  # eager again, right before: side by side
+    ckpt = best["ckpt"] if args.compile_ckpt == "best" else args.compile_ckpt == "on"
+    eager = bench.measure(best["micro"], ckpt)  # eager again, right before: side by side
     bench.drop_engine()
-    compiled = bench.measure_compiled(best["micro"], best["ckpt"], args.compile_backend)
+    compiled = bench.measure_compiled(best["micro"], ckpt, args.compile_backend)
     return {"eager": eager, "compiled": compiled}
 
 
