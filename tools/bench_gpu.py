@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def part_compile(bench, args, results) -> dict:
 def part_bucket(bench, args, results) -> dict:
     best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
     if bench.trainable is None:
-        bench._engine()
+        bench.get_engine()
     fixed = bench.ds.get("zero_optimization", {}).get("reduce_bucket_size", int(5e8))
     sizes = [int(fixed), int(bench.trainable)]
     return {"trainable": bench.trainable, "rows": bench.measure_buckets(best["micro"], best["ckpt"], sizes)}
@@ -184,6 +185,7 @@ def part_decode(cfg, args, device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device_name = pick_device(args.cpu_smoke)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # ZeRO's, harmless
     import torch
 
     from benchlib.report import render

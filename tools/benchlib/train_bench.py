@@ -126,7 +126,7 @@ class TrainBench:
         self.batches: dict[int, tuple] = {}
         self.probe = MemoryProbe(device)
 
-    def _engine(self):
+    def get_engine(self):
         if self.engine is None:
             t = time.perf_counter()
             self.engine = build_trainer_engine(self.cfg, self.ds)
@@ -145,7 +145,7 @@ class TrainBench:
     def batch(self, micro: int):
         """(images in the engine's dtype, ids, targets) on the device + host-side counts, cached per size."""
         if micro not in self.batches:
-            vocab = self._engine().module.vocab_size
+            vocab = self.get_engine().module.vocab_size
             images, ids, targets = make_batch(self.cfg, micro, vocab, torch.device("cpu"))
             counts = {"n_targets": int((targets != IGNORE_INDEX).sum()),  # all heads: the LM head runs there
                       "text_tokens": int((targets[:, 0] != IGNORE_INDEX).sum()),  # next-token targets, as the loop counts
@@ -209,7 +209,7 @@ class TrainBench:
     def measure(self, micro: int, ckpt: bool, extra: dict | None = None) -> dict:
         """Median step over `steps` timed steps after `warmup`, eager, checkpointing as given."""
         try:
-            engine = self._engine()
+            engine = self.get_engine()
             engine.module.cfg.activation_checkpointing = ckpt
             data, counts = self.batch(micro)
             return self._row(micro, ckpt, None, self._timed_steps(engine, data), counts, extra)
@@ -236,14 +236,14 @@ class TrainBench:
 
     def sdpa(self, micro: int) -> list[str]:
         data, _ = self.batch(micro)
-        return sdpa_backends(self._engine().module, data[0], data[1])
+        return sdpa_backends(self.get_engine().module, data[0], data[1])
 
     def measure_compiled(self, micro: int, ckpt: bool, backend: str) -> dict:
         """A fresh engine, engine.compile(backend=...) (DeepSpeed's torch.compile of the module), then the
         same timing; the first (compiling) step's time is reported as compile_s."""
         self.drop_engine()
         try:
-            engine = self._engine()
+            engine = self.get_engine()
             engine.module.cfg.activation_checkpointing = ckpt
             data, counts = self.batch(micro)
             t = time.perf_counter()
