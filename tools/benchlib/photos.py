@@ -7,12 +7,13 @@ Why not flat synthetic shapes: throughput of JPEG decoding (and of anything that
 entropy-coded byte, such as shard-coco's check) scales with the compressed size, and a flat image
 compresses to a few KiB where a COCO photo takes ~100-200 KiB at 640x480. Each image here is a smooth
 random colour field (low-frequency) + mid-frequency texture + a few soft-edged ellipses and boxes +
-per-pixel sensor-like noise, saved at JPEG quality 92 (4:2:0): ~150-200 KiB, printed by the scripts
+per-pixel sensor-like noise, saved at JPEG quality 92 (4:2:0): ~134 KiB mean (COCO: ~155 KiB), printed by the scripts
 (`mean_kib`) so the reader can compare with real COCO. Image i is a function of (seed, i) only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -47,8 +48,6 @@ def photo(seed: int, index: int) -> bytes:
     img = img.filter(ImageFilter.GaussianBlur(0.8))
     noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, size=(HEIGHT, WIDTH, 3))  # sensor-like noise
     out = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
-    import io
-
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=QUALITY)
     return buf.getvalue()
