@@ -7,8 +7,9 @@
    then each rank's RNG file and rank 0's run_config.json), alternated `--repeats` times in one
    2-rank job, medians of the per-save wall time (max over ranks, from barrier to barrier).
 2. stop: `deepspeed --num_gpus 2 --module vlm_dist.train --config demo` on a small demo set, SIGTERM
-   after a few steps to (a) the runner's process group (Ctrl-C's way), (b) the runner alone, (c) one
-   rank; time from the signal until no process of the job is left, the exit code, the step saved.
+   after a few steps to (a) the runner's process group, (b) the runner alone, (c) one rank, and SIGINT to
+   the group (d, Ctrl-C); time from the signal until no process of the job is left, the exit code, the
+   step saved.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def bench_stop(work: Path, target: str, data: Path) -> dict:
     t0 = time.perf_counter()
     if target == "group":
         os.killpg(runner.pid, signal.SIGTERM)
+    elif target == "ctrl-c":
+        os.killpg(runner.pid, signal.SIGINT)
     elif target == "runner":
         runner.send_signal(signal.SIGTERM)
     else:  # one rank
@@ -134,6 +137,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--work", type=Path, default=REPO / "runs/bench_resilience")
+    ap.add_argument("--parts", default="save,stop", help="comma-separated: save, stop [save,stop]")
     ap.add_argument("--save-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.save_worker:
@@ -149,13 +153,16 @@ def main() -> None:
     paths = make_demo_data(data, 512, 16, seed=0)["train"]
     shard_coco(paths["images"], [paths["captions"]], data / "shards/train", vqa_questions=paths["vqa_questions"],
                vqa_annotations=paths["vqa_annotations"], split="train", shard_size=128, progress=False)
-    results = {"cpu": _cpu(), "save": bench_save(args.work, args.repeats),
-               "stop": [bench_stop(args.work, t, data) for t in ("group", "runner", "rank")]}
-    s = results["save"]
-    print(f"CPU: {results['cpu']}")
-    print(f"save, demo preset, 2 ranks, {s['bytes'] / 2**20:.0f} MiB per tag: plain {s['median_plain_s']:.3f} s, "
-          f"atomic {s['median_atomic_s']:.3f} s (medians of {s['repeats']}): atomic/plain = {s['ratio']:.2f}")
-    for r in results["stop"]:
+    parts = args.parts.split(",")
+    results = {"cpu": _cpu()}
+    if "save" in parts:
+        results["save"] = s = bench_save(args.work, args.repeats)
+        print(f"save, demo preset, 2 ranks, {s['bytes'] / 2**20:.0f} MiB per tag: plain {s['median_plain_s']:.3f} s, "
+              f"atomic {s['median_atomic_s']:.3f} s (medians of {s['repeats']}): atomic/plain = {s['ratio']:.2f}")
+    if "stop" in parts:
+        results["stop"] = [bench_stop(args.work, t, data) for t in ("group", "ctrl-c", "runner", "rank")]
+    print(f"CPU: {results['cpu']} (at start), {_cpu()} (at end)")
+    for r in results.get("stop", []):
         print(f"SIGTERM to the {r['target']}: no process left after {r['seconds_to_no_process']:.1f} s, runner exit "
               f"{r['runner_exit']}, saved {r['saved']}; {r['message']}")
     if args.json:

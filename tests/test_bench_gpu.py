@@ -1,0 +1,132 @@
+"""tools/bench_gpu.py: the --cpu-smoke run covers every part; the pieces behave (OOM stops the sweep,
+the SDPA detector tells kernels apart, no GPU = a fast, clear exit).
+
+    python -m pytest -q tests/test_bench_gpu.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part(tmp_path):
+    out, md = tmp_path / "smoke.json", tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--cpu-smoke", "--json", str(out),
+                           "--append", str(md), "--workdir", str(tmp_path / "work")],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for part in ("train", "compile", "bucket", "loader", "decode"):
+        assert part in res and "error" not in res[part], (part, res.get(part))
+
+    rows = res["train"]["rows"]  # the sweep: every micro-batch with checkpointing on AND off
+    assert {(r["micro"], r["ckpt"]) for r in rows} == {(2, True), (2, False), (4, True), (4, False)}
+    for r in rows:
+        assert r["status"] == "ok" and r["step_s"] > 0 and r["back_to_back_s"] > 0 and r["step_flops"] > 0
+        assert r["samples_s"] == pytest.approx(r["micro"] / r["step_s"])
+        assert r["tflops"] == pytest.approx(r["step_flops"] / r["step_s"] / 1e12)
+        assert r["mfu"] is None  # no peak on the CPU: MFU is left out, never invented
+    assert res["train"]["sdpa"] == ["flash (CPU kernel)"]
+
+    comp = res["compile"]
+    assert comp["eager"]["status"] == "ok" and comp["compiled"]["status"] == "ok"
+    assert comp["compiled"]["compiled"] == "aot_eager" and comp["compiled"]["compile_s"] > 0
+    assert comp["eager"]["micro"] == comp["compiled"]["micro"]
+    assert comp["eager"]["ckpt"] is comp["compiled"]["ckpt"] is True  # --cpu-smoke compiles the checkpointed model
+
+    buckets = res["bucket"]["rows"]  # the ds_config's fixed bucket, then the model's trainable size
+    assert [r["reduce_bucket_size"] for r in buckets] == [50_000_000, res["bucket"]["trainable"]]
+    assert all(r["status"] == "ok" for r in buckets) and 0 < res["bucket"]["trainable"] < 50_000_000
+
+    loader = res["loader"]
+    assert [r["workers"] for r in loader["rows"]] == [0, 2]
+    for r in loader["rows"]:  # 24 photos, micro 4, one stream or two: the whole epoch arrives
+        assert r["images"] == 24 and r["images_s"] > 0
+    assert 60 < loader["mean_kib"] < 400  # COCO-like compressed size, not a flat synthetic image
+
+    dec = res["decode"]["rows"]
+    assert [r["batch"] for r in dec] == [1, 8]
+    for r in dec:
+        assert r["identical_rows"] == r["batch"]  # speculative decoding is greedy decoding, row for row
+        assert r["greedy_tokens"] == r["speculative_tokens"] > 0
+
+    table = md.read_text()
+    for heading in ("### Training step", "### torch.compile", "### ZeRO-2 reduce bucket", "### Loader", "### Decoding"):
+        assert heading in table
+
+
+def test_no_gpu_fails_fast_and_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--parts", "decode", "--append", "/dev/null"],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no CUDA GPU is visible" in proc.stderr and "--cpu-smoke" in proc.stderr
+
+
+def test_sdpa_detector_tells_fused_from_explicit():
+    from benchlib.train_bench import sdpa_backends
+    from vlm_dist.config import load_config
+    from vlm_dist.model import VLM
+
+    found = {}
+    for kind in ("sdpa", "explicit"):
+        cfg = load_config("tiny", [f"model.attention={kind}"])
+        torch.manual_seed(0)
+        model = VLM(cfg.model).train()
+        images = torch.randn(2, 3, 32, 32)
+        ids = torch.randint(1, 100, (2, 5))
+        found[kind] = sdpa_backends(model, images, ids)
+    assert found["sdpa"] == ["flash (CPU kernel)"]
+    assert found["explicit"][0].startswith("none")
+
+
+def test_sweep_stops_at_oom_and_rebuilds_the_engine(monkeypatch):
+    """A fake OOM above micro-batch 4 (checkpointing on) or 2 (off): the sweep keeps checkpointing-on rows
+    going after the off rows stop fitting, stops at the first on-OOM, and rebuilds the engine after each."""
+    import benchlib.train_bench as tb
+    from vlm_dist.config import load_config
+    from vlm_dist.model import VLM
+
+    cfg = load_config("tiny")
+    built = []
+
+    def fake_engine(cfg_, ds, seed=0):
+        torch.manual_seed(seed)
+        module = VLM(cfg_.model)
+        built.append(module)
+        return SimpleNamespace(module=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.0))
+
+    def fake_step(engine, images, ids, targets):
+        limit = 4 if engine.module.cfg.activation_checkpointing else 2
+        if images.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        loss = engine.module(images, ids, targets)["loss"]
+        loss.backward()
+        return loss
+
+    monkeypatch.setattr(tb, "build_trainer_engine", fake_engine)
+    monkeypatch.setattr(tb, "engine_step", fake_step)
+    bench = tb.TrainBench(cfg, {"bf16": {"enabled": False}}, torch.device("cpu"), warmup=0, steps=1, log=lambda m: None)
+    rows = bench.sweep([1, 2, 4, 8, 16], ckpt_both=True)
+    got = [(r["micro"], r["ckpt"], r["status"]) for r in rows]
+    assert got == [(1, True, "ok"), (1, False, "ok"), (2, True, "ok"), (2, False, "ok"), (4, True, "ok"),
+                   (4, False, "OOM"), (8, True, "OOM")]
+    assert len(built) == 2  # the first; dropped at the off-OOM at 4; a fresh one for micro 8, dropped at its OOM
+    assert bench.engine is None

@@ -1,0 +1,246 @@
+"""The one-GPU benchmark: training step, MFU, memory, torch.compile, loader and decoding, in ~6 minutes.
+
+    python tools/bench_gpu.py                      # one H100/H200: prints the table, appends it to docs/BENCHMARKS.md
+    python tools/bench_gpu.py --json gpu.json      # also the raw numbers
+    python tools/bench_gpu.py --cpu-smoke          # every code path on the CPU, tiny shapes, < 1 min (tests run this)
+
+What it measures (no download: random weights, model.vision.pretrained=null, the base preset's shapes):
+1. Training step of the `base` preset (ViT-B-32 tower frozen + 24 x 768 decoder, n_future=4) on the
+   trainer's own DeepSpeed engine (vlm_dist.train.engine.build_engine, ds_configs/zero2.json: bf16,
+   ZeRO-2, torch AdamW; one rank) with a synthetic batch at COCO shapes (49 image tokens + 31 text
+   positions, captions of random length, padded): step time, samples/s, tokens/s, TFLOP/s and MFU
+   for a micro-batch sweep up to the largest that fits, activation checkpointing on and off at each
+   size (time, torch.cuda.max_memory_allocated), and which SDPA kernel the decoder's attention ran.
+   MFU = FLOPs per step / step time / the card's dense bf16 peak (H100 SXM, H200: 989 TFLOP/s), with
+       FLOPs per step = 3 x forward(decoder blocks + LM head on target positions)   [= 6N per token]
+                      + forward(frozen vision tower) + 2 x forward(projector)        [2N per token]
+                      + attention scores 3 x 4 S^2 D per layer                        (S = 80, D = 768)
+   from vlm_dist.observe.flops.train_flops (the same count the trainer logs; recompute not counted).
+2. torch.compile: DeepSpeed's engine.compile() (inductor) at the best micro-batch vs eager; and the
+   ZeRO reduce bucket: ds_configs' fixed 5e7 elements vs the model's trainable size (part "bucket").
+3. Loader: vlm_dist.data's streaming loader images/s with 4, 8 and 16 workers on shards of
+   COCO-sized (640x480, photo-like) JPEGs this script makes, against the GPU's samples/s.
+4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8.
+Method details: tools/benchlib/*.py docstrings. --cpu-smoke runs the same code on the tiny preset
+(bf16 ZeRO-2 on DeepSpeed's CPU accelerator, compile backend aot_eager) and never touches docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_model, benchlib
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on the hub
+
+PARTS = ("train", "compile", "bucket", "decode", "loader")
+SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 1, "compile_backend": "aot_eager", "compile_ckpt": "on",
+         "loader_workers": "0,2", "photos": 24, "loader_micro": 4, "decode_batches": "1,8", "new_tokens": 6,
+         "decode_repeats": 1}
+FULL = {"preset": "base", "micros": "8,16,32,64,128,256,512,1024", "warmup": 3, "steps": 10, "compile_backend": "inductor",
+        "compile_ckpt": "best",
+        "loader_workers": "4,8,16", "photos": 4096, "loader_micro": 32, "decode_batches": "1,8", "new_tokens": 32,
+        "decode_repeats": 3}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="What and how: see the module docstring of tools/bench_gpu.py.")
+    p.add_argument("--cpu-smoke", action="store_true", help="Run every part on the CPU at tiny shapes (< 1 min); no docs/ append.")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"Any of {','.join(PARTS)}. Default: %(default)s")
+    p.add_argument("--ds", default=str(REPO / "ds_configs" / "zero2.json"), help="DeepSpeed JSON (ZeRO-2, bf16). Default: ds_configs/zero2.json")
+    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE", help="Override a DeepSpeed field (repeatable).")
+    for key, help_ in [("preset", "Run-config preset"), ("micros", "Micro-batch sweep (ascending, stops at OOM)"),
+                       ("warmup", "Untimed steps before each measurement"), ("steps", "Timed steps per measurement"),
+                       ("compile_backend", "torch.compile backend"),
+                       ("compile_ckpt", "Checkpointing in the compile part: best (as the best sweep row), on or off"),
+                       ("loader_workers", "Loader worker counts"),
+                       ("photos", "640x480 photos made for the loader part"), ("loader_micro", "Loader micro-batch"),
+                       ("decode_batches", "Decoding batch sizes"), ("new_tokens", "Tokens decoded per row"),
+                       ("decode_repeats", "Alternating greedy/speculative repeats")]:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
+                       help=f"{help_}. Default: {FULL[key]} ({SMOKE[key]} with --cpu-smoke)")
+    p.add_argument("--workdir", type=Path, help="Where the photos and shards go (default: a temporary folder)")
+    p.add_argument("--append", type=Path, default=None,
+                   help="Markdown file to append the table to. Default: docs/BENCHMARKS.md on a GPU, nothing with --cpu-smoke")
+    p.add_argument("--json", type=Path, help="Also write every raw number here.")
+    args = p.parse_args(argv)
+    defaults = SMOKE if args.cpu_smoke else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+        elif isinstance(value, int):
+            setattr(args, key, int(getattr(args, key)))
+    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if args.compile_ckpt not in ("best", "on", "off"):
+        p.error(f"--compile-ckpt: best, on or off, not {args.compile_ckpt!r}")
+    if args.append is None and not args.cpu_smoke:
+        args.append = REPO / "docs" / "BENCHMARKS.md"
+    return args
+
+
+def ints(text: str) -> list[int]:
+    return [int(s) for s in str(text).split(",") if s.strip()]
+
+
+def pick_device(cpu_smoke: bool) -> str:
+    """cuda, or fail fast (before DeepSpeed picks its accelerator at import) unless --cpu-smoke."""
+    import torch
+
+    if cpu_smoke:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu: no CUDA GPU is visible (torch.cuda.is_available() is False; torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an "
+                         "H100/H200, or use --cpu-smoke to check every code path on the CPU.")
+    os.environ["DS_ACCELERATOR"] = "cuda"
+    return "cuda"
+
+
+def run_part(name: str, results: dict, fn) -> None:
+    """Run one part; a failure is recorded (and printed) and the other parts still run."""
+    t = time.perf_counter()
+    print(f"[{name}]", file=sys.stderr, flush=True)
+    try:
+        results[name] = fn()
+    except Exception as err:  # noqa: BLE001 -- one GPU session: never lose the other parts
+        traceback.print_exc()
+        results[name] = {"error": f"{type(err).__name__}: {err}"}
+    results.setdefault("seconds", {})[name] = time.perf_counter() - t
+
+
+def part_train(bench, args) -> dict:
+    out = {"sdpa": bench.sdpa(ints(args.micros)[0]), "rows": bench.sweep(ints(args.micros), ckpt_both=True)}
+    bench.log(f"  SDPA kernel(s) of the decoder: {', '.join(out['sdpa'])}")
+    return out
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    return max(ok, key=lambda r: r["samples_s"]) if ok else None
+
+
+def part_compile(bench, args, results) -> dict:
+    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
+    ckpt = best["ckpt"] if args.compile_ckpt == "best" else args.compile_ckpt == "on"
+    eager = bench.measure(best["micro"], ckpt)  # eager again, right before: side by side
+    bench.drop_engine()
+    compiled = bench.measure_compiled(best["micro"], ckpt, args.compile_backend)
+    return {"eager": eager, "compiled": compiled}
+
+
+def part_bucket(bench, args, results) -> dict:
+    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
+    if bench.trainable is None:
+        bench.get_engine()
+    fixed = bench.ds.get("zero_optimization", {}).get("reduce_bucket_size", int(5e8))
+    sizes = [int(fixed), int(bench.trainable)]
+    return {"trainable": bench.trainable, "rows": bench.measure_buckets(best["micro"], best["ckpt"], sizes)}
+
+
+def part_loader(cfg, args, workdir: Path) -> dict:
+    from benchlib.loader_bench import loader_throughput, make_photo_shards
+
+    t = time.perf_counter()
+    shards = make_photo_shards(workdir, args.photos, workers=os.cpu_count() or 1)
+    made = {"photos": shards["n"], "mean_kib": shards["mean_kib"], "make_s": time.perf_counter() - t}
+    print(f"  {shards['n']} photos ({shards['mean_kib']:.0f} KiB mean) + shards in {made['make_s']:.1f} s", file=sys.stderr)
+    rows = []
+    for w in ints(args.loader_workers):
+        row = loader_throughput(cfg, shards["shards"], w, args.loader_micro)
+        print(f"  {w:2d} workers: {row['images_s']:.0f} images/s over the epoch, steady "
+              f"{row['steady_images_s'] or float('nan'):.0f}", file=sys.stderr)
+        rows.append(row)
+    return {**made, "cpus": os.cpu_count(), "rows": rows}
+
+
+def part_decode(cfg, args, device) -> dict:
+    import torch
+
+    from benchlib.decode_bench import bench_decode
+    from vlm_dist.model import VLM
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = VLM(cfg.model).to(device, dtype).eval()
+    rows = bench_decode(model, ints(args.decode_batches), args.new_tokens, args.decode_repeats,
+                        log=lambda m: print(m, file=sys.stderr))
+    return {"dtype": str(dtype).removeprefix("torch."), "n_future": cfg.model.n_future, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device_name = pick_device(args.cpu_smoke)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # ZeRO's, harmless
+    import torch
+
+    from benchlib.report import render
+    from benchlib.train_bench import TrainBench, free_memory
+    from bench_model import PRESET_OVERRIDES
+    from vlm_dist.config import load_config
+    from vlm_dist.train.dist import init_distributed
+    from vlm_dist.train.dsconfig import load_ds_config, resolve_schedule
+
+    t0 = time.perf_counter()
+    device = torch.device(device_name)
+    cfg = load_config(args.preset, PRESET_OVERRIDES.get(args.preset, []) + ["model.vision.pretrained=null"])
+    ds = load_ds_config(args.ds, args.ds_set)
+    resolve_schedule(ds, 10_000, "the benchmark")  # fills "auto"; the LR schedule does not change step time
+    info = init_distributed()  # a world of one (MASTER_* filled in)
+    import deepspeed
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), --cpu-smoke",
+           "torch": torch.__version__, "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda,
+           "preset": args.preset, "ds": Path(args.ds).name, "ds_set": args.ds_set, "world": info.world_size,
+           "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+           "command": " ".join(["python tools/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])}
+    print(f"{env['device']} | torch {env['torch']} | deepspeed {env['deepspeed']} | preset {args.preset}", file=sys.stderr)
+    bench = TrainBench(cfg, ds, device, warmup=args.warmup, steps=args.steps, log=lambda m: print(m, file=sys.stderr))
+    env["peak_flops"] = bench.peak
+    if device.type == "cuda" and bench.peak is None:
+        print(f"warning: no dense bf16 peak known for {env['device']!r} (vlm_dist.observe.flops.PEAK_BF16): "
+              "MFU is left out", file=sys.stderr)
+    results: dict = {"env": env}
+    if "train" in args.parts:
+        run_part("train", results, lambda: part_train(bench, args))
+    if "compile" in args.parts:
+        run_part("compile", results, lambda: part_compile(bench, args, results))
+    if "bucket" in args.parts:
+        run_part("bucket", results, lambda: part_bucket(bench, args, results))
+    bench.drop_engine()
+    if "decode" in args.parts:
+        run_part("decode", results, lambda: part_decode(cfg, args, device))
+    free_memory(device)
+    if "loader" in args.parts:
+        with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+            run_part("loader", results, lambda: part_loader(cfg, args, args.workdir or Path(tmp)))
+    env["wall_s"] = time.perf_counter() - t0
+    text = render(results)
+    print(text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + text)
+        print(f"appended to {args.append}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The Markdown table of tools/bench_gpu.py (what is printed and appended to docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+
+def _f(x, fmt: str = ".1f", none: str = "n/a") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _mfu(r: dict) -> str:
+    return "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} %"
+
+
+def _train_rows(rows: list[dict]) -> list[str]:
+    lines = ["| micro | ckpt | compile | step ms: median (min..max) | back-to-back ms/step | samples/s | text tokens/s "
+             "| seq tokens/s | TFLOP/s | MFU | peak GiB | transient GiB | ckpt on/off: time, transient memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["micro"], r["ckpt"]): r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        head = f"| {r['micro']} | {'on' if r['ckpt'] else 'off'} | {r.get('compiled') or 'no'}"
+        if r.get("status") != "ok":
+            lines.append(f"{head} | {r.get('status')} |  |  |  |  |  |  |  |  |  |")
+            continue
+        ratio = ""
+        off = by_key.get((r["micro"], False))
+        if r["ckpt"] and off and r.get("compiled") is None:
+            ratio = (f"{r['step_s'] / off['step_s']:.2f}x, "
+                     f"{r['transient_gib'] / off['transient_gib']:.2f}x" if off["transient_gib"] > 0 else "")
+        lines.append(f"{head} | {1e3 * r['step_s']:.1f} ({1e3 * r['min_s']:.1f}..{1e3 * r['max_s']:.1f}) "
+                     f"| {1e3 * r['back_to_back_s']:.1f} | {r['samples_s']:.1f} | {r['text_tokens_s']:.0f} | {r['seq_tokens_s']:.0f} | {r['tflops']:.2f} "
+                     f"| {_mfu(r)} | {r['peak_gib']:.2f} | {r['transient_gib']:.2f} | {ratio} |")
+    return lines
+
+
+def render(results: dict) -> str:
+    env = results["env"]
+    lines = [f"## One-GPU benchmark: {env['device']}, {env['date']}", "",
+             f"Command: `{env['command']}` ({env['wall_s']:.0f} s). torch {env['torch']} (CUDA {env['cuda']}), "
+             f"deepspeed {env['deepspeed']}; preset `{env['preset']}` with random weights; {env['ds']} "
+             f"{' '.join(env['ds_set'])} (ZeRO-2, bf16), world of {env['world']}; {env['cpus']} CPU cores, "
+             f"load average {env['loadavg'][0]:.2f} at start. Peak for MFU: "
+             f"{_f(env['peak_flops'] and env['peak_flops'] / 1e12, '.0f')} TFLOP/s dense bf16.", ""]
+    train = results.get("train", {})
+    if "error" in train:
+        lines += [f"Training part failed: {train['error']}", ""]
+    elif train:
+        mem = next((r["memory_method"] for r in train["rows"] if r.get("status") == "ok"), "")
+        lines += ["### Training step (engine forward + backward + step, synthetic batch on the device)", "",
+                  f"Decoder SDPA kernel: {', '.join(train['sdpa'])}. Memory: {mem}; transient = peak minus "
+                  "what was allocated before the timed steps (activations, logits, gradients in flight). "
+                  "Text tokens = next-token targets; seq tokens = micro x (image tokens + text positions). Step time: "
+                  "each step synchronised (the trainer reads its losses on the host every step); back-to-back: as "
+                  "many steps with one synchronisation at the end (no host waits). Samples/s, TFLOP/s, MFU from "
+                  "the synchronised median.", ""]
+        lines += _train_rows(train["rows"]) + [""]
+    comp = results.get("compile", {})
+    if "error" in comp:
+        lines += [f"Compile part failed: {comp['error']}", ""]
+    elif comp:
+        e, c = comp["eager"], comp["compiled"]
+        lines += ["### torch.compile (DeepSpeed engine.compile) at the best micro-batch", ""]
+        lines += _train_rows([e, c])
+        if e.get("status") == "ok" and c.get("status") == "ok":
+            lines += ["", f"Compiled / eager step time: {c['step_s'] / e['step_s']:.3f} (first compiled step, "
+                      f"compilation included: {c['compile_s']:.1f} s)."]
+        lines.append("")
+    buck = results.get("bucket", {})
+    if "error" in buck:
+        lines += [f"Bucket part failed: {buck['error']}", ""]
+    elif buck:
+        lines += [f"### ZeRO-2 reduce bucket: fixed vs the model's trainable size ({buck['trainable'] / 1e6:.1f}M elements)", "",
+                  "| reduce_bucket_size | status | step ms (median) | back-to-back ms/step | peak GiB | transient GiB |",
+                  "|---|---|---|---|---|---|"]
+        for r in buck["rows"]:
+            if r.get("status") == "ok":
+                lines.append(f"| {r['reduce_bucket_size']:.3g} | ok | {1e3 * r['step_s']:.1f} | {1e3 * r['back_to_back_s']:.1f} "
+                             f"| {r['peak_gib']:.2f} | {r['transient_gib']:.2f} |")
+            else:
+                lines.append(f"| {r['reduce_bucket_size']:.3g} | {r.get('status')} |  |  |  |  |")
+        lines.append("")
+    loader = results.get("loader", {})
+    if "error" in loader:
+        lines += [f"Loader part failed: {loader['error']}", ""]
+    elif loader:
+        best = max((r["samples_s"] for r in train.get("rows", []) if r.get("status") == "ok"), default=None)
+        lines += [f"### Loader: images/s on {loader['photos']} photo-like 640x480 JPEGs ({loader['mean_kib']:.0f} KiB "
+                  f"mean), {loader['cpus']} CPU cores", "",
+                  "| workers | micro | images/s (epoch, start-up included) | steady images/s | first batch s "
+                  "| steady / GPU samples/s at the best micro |", "|---|---|---|---|---|---|"]
+        for r in loader["rows"]:
+            ratio = f"{r['steady_images_s'] / best:.2f}" if best and r["steady_images_s"] else "n/a"
+            lines.append(f"| {r['workers']} | {r['micro']} | {r['images_s']:.0f} | {_f(r['steady_images_s'], '.0f')} "
+                         f"| {r['first_batch_s']:.2f} | {ratio} |")
+        lines.append("")
+    dec = results.get("decode", {})
+    if "error" in dec:
+        lines += [f"Decode part failed: {dec['error']}", ""]
+    elif dec:
+        lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, random weights: ~1 token accepted "
+                  "per speculative call, so this is the machinery's cost, not trained heads' speed-up)", "",
+                  "| batch | new tokens/row | greedy tokens/s | speculative tokens/s | spec / greedy "
+                  "| tokens per spec call | rows identical |", "|---|---|---|---|---|---|---|"]
+        for r in dec["rows"]:
+            lines.append(f"| {r['batch']} | {r['new_tokens']} | {r['greedy_tokens_s']:.0f} | {r['speculative_tokens_s']:.0f} "
+                         f"| {r['speculative_tokens_s'] / r['greedy_tokens_s']:.2f} | {r['tokens_per_call']:.2f} "
+                         f"| {r['identical_rows']}/{r['batch']} |")
+        lines.append("")
+    secs = results.get("seconds", {})
+    lines.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,273 @@
+"""Training-step measurements on the project's DeepSpeed engine (one rank), for tools/bench_gpu.py.
+
+    bench = TrainBench(cfg, ds, device)          # cfg: RunConfig; ds: a DeepSpeed dict (load_ds_config)
+    row = bench.measure(micro=64, ckpt=True)      # {"step_s", "samples_s", "tflops", "mfu", "peak_gib", ...}
+    rows = bench.sweep([8, 16, 32, 64], ckpt_both=True)   # ascending; stops at the first OOM with checkpointing on
+    row = bench.measure_compiled(micro=64, ckpt=True, backend="inductor")
+
+The step is the trainer's own: `vlm_dist.train.engine.build_engine(VLM(cfg.model), ds)`, then
+engine(images, ids, targets) -> engine.backward(loss) -> engine.step(), as vlm_dist/train/loop.py's
+forward_backward() and optimizer_step() do (without the gradient observer and the per-step host
+reads of losses: what is timed is the engine step itself). The batch is tools/bench_model.py's
+synthetic one at the run config's shapes (base: 49 image tokens + 31 text positions = 80; captions of
+random length 8..32 tokens, padded as the loader pads them), made once and kept on the device, so
+data loading is not in the step time (the loader is measured on its own, loader_bench.py).
+
+FLOPs per step come from vlm_dist.observe.flops.train_flops (matmul FLOPs written out in its
+docstring: 3x the forward of the trained decoder blocks and LM head, i.e. 6 FLOPs per trained
+parameter per token, plus the attention scores 3 * 4 * S^2 * D per layer, plus ONE forward (2N per
+token) of the frozen vision tower and 2x the projector; checkpointing's recompute not counted). MFU =
+achieved FLOP/s / the card's dense bf16 peak (vlm_dist.observe.flops.PEAK_BF16: H100 SXM and H200
+989e12). Memory: torch.cuda.max_memory_allocated over the timed steps (peak) and that peak minus
+torch.cuda.memory_allocated before them (the transient part: activations, logits, their gradients,
+the reduce bucket); on the CPU the RSS probe of tools/bench_model.py stands in.
+
+An out-of-memory error inside a ZeRO-2 step can leave the engine's gradient buckets half filled, so
+after one the engine is dropped and the next measurement builds a fresh one.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import traceback
+
+import torch
+
+from bench_model import MemoryProbe, make_batch  # tools/ is on sys.path (bench_gpu.py puts it there)
+from vlm_dist.observe.flops import peak_flops, train_flops
+from vlm_dist.text import IGNORE_INDEX
+
+GIB = 2**30
+
+
+# --- the project's training code path: keep every call into vlm_dist.train here ------------------
+
+def build_trainer_engine(cfg, ds: dict, seed: int = 0):
+    """The trainer's engine for a fresh model: the same calls as vlm_dist.train.loop.setup."""
+    from vlm_dist.model import VLM
+    from vlm_dist.train.engine import build_engine
+
+    torch.manual_seed(seed)
+    return build_engine(VLM(cfg.model), ds)
+
+
+def engine_step(engine, images, ids, targets) -> torch.Tensor:
+    """loop.forward_backward + loop.optimizer_step, minus observers: one micro-batch = one step."""
+    loss = engine(images, ids, targets)["loss"]
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that reach the dispatcher (SDPA is already resolved to its backend there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+SDPA_BACKENDS = {  # aten op the fused SDPA dispatched to -> what it is
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU kernel)",
+    "_scaled_dot_product_efficient_attention": "memory-efficient",
+    "_scaled_dot_product_cudnn_attention": "cuDNN",
+    "_scaled_dot_product_attention_math": "math (unfused)",
+    "_scaled_dot_product_fused_attention_overrideable": "backend-specific fused",
+}
+
+
+def sdpa_backends(module, images, ids) -> list[str]:
+    """Which SDPA kernel the decoder's causal attention ran (forward, no grad, as in training shapes)."""
+    with torch.no_grad():
+        x = module.embed(images, ids)  # (B, S, D); the vision tower's own attention is not recorded
+        rec = _OpNames()
+        with rec:
+            module.trunk(x)
+    found = sorted({SDPA_BACKENDS.get(n.split(".")[0], n) for n in rec.names if "scaled_dot_product" in n})
+    return found or ["none (no SDPA op ran: model.attention is not 'sdpa'?)"]
+
+
+# --- the measurements ----------------------------------------------------------------------------
+
+class TrainBench:
+    """One engine at a time; activation checkpointing is switched on the live model (the flag is
+    read at every forward), so on/off share weights, optimizer state and allocator."""
+
+    def __init__(self, cfg, ds: dict, device: torch.device, warmup: int = 3, steps: int = 10, log=print):
+        self.cfg, self.ds, self.device, self.warmup, self.steps, self.log = cfg, ds, device, warmup, steps, log
+        self.engine = None
+        self.trainable = None  # trainable parameters (elements), known once an engine is built
+        self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+        self.peak = peak_flops(device)
+        self.batches: dict[int, tuple] = {}
+        self.probe = MemoryProbe(device)
+
+    def get_engine(self):
+        if self.engine is None:
+            t = time.perf_counter()
+            self.engine = build_trainer_engine(self.cfg, self.ds)
+            self.trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+            self.log(f"  engine built in {time.perf_counter() - t:.1f} s ({type(self.engine.optimizer).__name__})")
+        return self.engine
+
+    def drop_engine(self) -> None:
+        """Free the engine's memory: DeepSpeedEngine.destroy() first, without which something in
+        DeepSpeed 0.19.8 keeps the engine (weights, fp32 master, Adam moments) alive after `del`."""
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
+        free_memory(self.device)
+
+    def batch(self, micro: int):
+        """(images in the engine's dtype, ids, targets) on the device + host-side counts, cached per size."""
+        if micro not in self.batches:
+            vocab = self.get_engine().module.vocab_size
+            images, ids, targets = make_batch(self.cfg, micro, vocab, torch.device("cpu"))
+            counts = {"n_targets": int((targets != IGNORE_INDEX).sum()),  # all heads: the LM head runs there
+                      "text_tokens": int((targets[:, 0] != IGNORE_INDEX).sum()),  # next-token targets, as the loop counts
+                      "seq": self.cfg.model.n_image_tokens + ids.shape[1], "text_len": ids.shape[1]}
+            dev = self.device
+            self.batches[micro] = ((images.to(dev, self.dtype), ids.to(dev), targets.to(dev)), counts)
+        return self.batches[micro]
+
+    def _timed_steps(self, engine, data) -> tuple[list[float], float, float, float]:
+        """(per-step seconds, each step synchronised; memory before; peak memory; mean seconds of as many
+        steps run back to back with one synchronisation at the end). The trainer reads losses on the
+        host every step (a sync); back-to-back shows what the GPU does when the host never waits."""
+        for _ in range(self.warmup):
+            engine_step(engine, *data)
+        sync(self.device)
+        gc.collect()
+        before = self.probe.current()
+        self.probe.reset_peak()
+        times = []
+        for _ in range(self.steps):
+            t = time.perf_counter()
+            engine_step(engine, *data)
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+        peak = self.probe.peak()
+        t = time.perf_counter()
+        for _ in range(self.steps):
+            engine_step(engine, *data)
+        sync(self.device)
+        return times, before, peak, (time.perf_counter() - t) / self.steps
+
+    def _row(self, micro: int, ckpt: bool, compiled: str | None, timing, counts, extra=None) -> dict:
+        times, before, peak, back_to_back = timing
+        step = statistics.median(times)
+        flops = train_flops(self.cfg.model, self.engine.module.vocab_size, micro, counts["text_len"], counts["n_targets"])
+        row = {"micro": micro, "ckpt": ckpt, "compiled": compiled, "status": "ok", "step_s": step,
+               "min_s": min(times), "max_s": max(times), "back_to_back_s": back_to_back, "samples_s": micro / step,
+               "text_tokens_s": counts["text_tokens"] / step, "seq_tokens_s": micro * counts["seq"] / step,
+               "step_flops": flops, "tflops": flops / step / 1e12, "mfu": flops / step / self.peak if self.peak else None,
+               "peak_gib": peak / GIB, "transient_gib": (peak - before) / GIB, "resident_gib": before / GIB,
+               "memory_method": self.probe.method, **(extra or {})}
+        self.log(f"  micro {micro:4d} ckpt {'on ' if ckpt else 'off'} {compiled or 'eager'}: {1e3 * step:8.1f} ms/step, "
+                 f"{row['samples_s']:8.1f} samples/s, {row['tflops']:.2f} TFLOP/s"
+                 + (f", MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "")
+                 + f", peak {row['peak_gib']:.2f} GiB")
+        return row
+
+    def _failed(self, micro, ckpt, compiled, status: str) -> dict:
+        """Call OUTSIDE the except block: while the exception lives, its traceback's frames still hold
+        the failed step's tensors and nothing could be freed."""
+        self.log(f"  micro {micro:4d} ckpt {'on ' if ckpt else 'off'} {compiled or 'eager'}: {status}")
+        self.drop_engine()  # a ZeRO-2 step cut short leaves half-filled buckets behind
+        return {"micro": micro, "ckpt": ckpt, "compiled": compiled, "status": status}
+
+    def _status(self, err: BaseException) -> str:
+        if is_oom(err):
+            return "OOM"
+        self.log(traceback.format_exc(limit=4))
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+    def measure(self, micro: int, ckpt: bool, extra: dict | None = None) -> dict:
+        """Median step over `steps` timed steps after `warmup`, eager, checkpointing as given."""
+        try:
+            engine = self.get_engine()
+            engine.module.cfg.activation_checkpointing = ckpt
+            data, counts = self.batch(micro)
+            return self._row(micro, ckpt, None, self._timed_steps(engine, data), counts, extra)
+        except Exception as err:  # noqa: BLE001 -- OOM (or any failure) becomes a row; the run goes on
+            status = self._status(err)
+        return self._failed(micro, ckpt, None, status)
+
+    def sweep(self, micros: list[int], ckpt_both: bool = True) -> list[dict]:
+        """Ascending micro-batches, checkpointing on (and off, beside it, while that still fits); stops at
+        the first size that does not fit with checkpointing on."""
+        rows, off_fits = [], ckpt_both
+        for micro in sorted(micros):
+            on = self.measure(micro, ckpt=True)
+            rows.append(on)
+            if on["status"] != "ok":
+                break
+            if off_fits:
+                off = self.measure(micro, ckpt=False)
+                rows.append(off)
+                off_fits = off["status"] == "ok"
+        if self.engine is not None:
+            self.engine.module.cfg.activation_checkpointing = True
+        return rows
+
+    def sdpa(self, micro: int) -> list[str]:
+        data, _ = self.batch(micro)
+        return sdpa_backends(self.get_engine().module, data[0], data[1])
+
+    def measure_compiled(self, micro: int, ckpt: bool, backend: str) -> dict:
+        """A fresh engine, engine.compile(backend=...) (DeepSpeed's torch.compile of the module), then the
+        same timing; the first (compiling) step's time is reported as compile_s."""
+        self.drop_engine()
+        try:
+            engine = self.get_engine()
+            engine.module.cfg.activation_checkpointing = ckpt
+            data, counts = self.batch(micro)
+            t = time.perf_counter()
+            engine.compile(backend=backend)
+            engine_step(engine, *data)
+            sync(self.device)
+            compile_s = time.perf_counter() - t
+            row = self._row(micro, ckpt, backend, self._timed_steps(engine, data), counts, {"compile_s": compile_s})
+        except Exception as err:  # noqa: BLE001
+            row = {"status": self._status(err)}
+        if row["status"] != "ok":
+            row = self._failed(micro, ckpt, backend, row["status"])
+        self.drop_engine()  # a compiled module cannot be un-compiled: later parts get a fresh one
+        torch._dynamo.reset()
+        return row
+
+    def measure_buckets(self, micro: int, ckpt: bool, buckets: list[int]) -> list[dict]:
+        """The same step with zero_optimization.reduce_bucket_size set to each size (a fresh engine each)."""
+        rows, saved = [], self.ds
+        for size in buckets:
+            self.drop_engine()
+            self.ds = {**saved, "zero_optimization": {**saved.get("zero_optimization", {}), "reduce_bucket_size": size}}
+            self.log(f"  reduce_bucket_size {size:.3g}")
+            rows.append({**self.measure(micro, ckpt), "reduce_bucket_size": size})
+        self.ds = saved
+        self.drop_engine()
+        return rows
