@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "loader" in args.parts:
         from benchlib.loader_bench import make_photo_shards
 
-        cfg = load_config("base", ["model.vision.pretrained=null"])
+        cfg = load_config("base", ["model.vision.pretrained=null", "model.vision.allow_random_frozen=true"])
         shards = make_photo_shards(work, args.photos, workers=2, shard_size=args.shard_size)["shards"]
         runs = interleave(loader_variants(cfg, photos, shards, args.micro), args.rounds, log)
         result["loader"] = runs

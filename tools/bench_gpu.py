@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     from benchlib.train_bench import TrainBench, free_memory
     from bench_model import PRESET_OVERRIDES
     from vlm_dist.config import load_config
-    from vlm_dist.train.dist import init_distributed
+    from vlm_dist.train.engine import init_distributed
     from vlm_dist.train.dsconfig import load_ds_config, resolve_schedule
 
     t0 = time.perf_counter()
