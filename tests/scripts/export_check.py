@@ -23,7 +23,7 @@ from vlm_dist.infer.load import load_exported
 from vlm_dist.model import VLM
 from vlm_dist.train import checkpoint as ckpt
 from vlm_dist.train.dist import barrier
-from vlm_dist.train.engine import build_engine, init_distributed
+from vlm_dist.train.engine import Engine, init_distributed
 
 
 def batch(seed: int, B: int = 4, T: int = 12, n_future: int = 2):
@@ -44,13 +44,14 @@ def main(out: Path, stages: list[int]) -> None:
         torch.manual_seed(0)
         model = VLM(cfg.model)
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}  # never change
-        engine = build_engine(model, ds)
+        engine = Engine(model, ds)
         for step in range(2):
             images, ids, targets = batch(100 * info.rank + step)
             engine.backward(engine(images, ids, targets)["loss"])
             engine.step()
         ckpt_dir = out / f"zero{stage}_w{info.world_size}"
-        ckpt.save(engine, ckpt_dir, "step2", ckpt.TrainState(step=2), cfg.model_dump(mode="json"))
+        ckpt.save(engine, ckpt_dir, "step2", ckpt.TrainState(step=2), cfg.model_dump(mode="json"),
+                  {"world_size": info.world_size}, info.world_size)
         master = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()  # all ranks
                   if p.requires_grad}
         assert frozen and not frozen.keys() & master.keys()
