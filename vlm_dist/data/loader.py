@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import EpochPlan, Segment, batches_consumed, rng_for
 from vlm_dist.data.index import sample_problem
-from vlm_dist.data.manifest import resolve_shards
+from vlm_dist.data.manifest import Shard, resolve_shards
 from vlm_dist.data.samples import SamplePreparer, collate, wanted_member
 
 
@@ -194,17 +194,17 @@ class StreamingLoader:
                                f"ranks would desynchronise; a shard probably changed since its manifest")
 
 
-def build_loader(cfg: RunConfig, shards: str, *, rank: int, world_size: int, micro_batch: int, train: bool,
-                 num_workers: int | None = None, seed: int | None = None) -> StreamingLoader:
+def build_loader(cfg: RunConfig, shards: str | list[Shard], *, rank: int, world_size: int, micro_batch: int,
+                 train: bool, num_workers: int | None = None, seed: int | None = None) -> StreamingLoader:
     """The trainer's entry point. `shards`: a directory holding manifest.json, or a brace pattern /
-    glob of tars in such directories. num_workers defaults to cfg.data.num_workers, seed to
-    cfg.train.seed."""
+    glob of tars in such directories, or what `resolve_shards` made of one. num_workers defaults to
+    cfg.data.num_workers, seed to cfg.train.seed."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     workers = cfg.data.num_workers if num_workers is None else num_workers
     streams = max(1, workers)
     seed = cfg.train.seed if seed is None else seed
-    found = resolve_shards(shards)
+    found = shards if isinstance(shards, list) else resolve_shards(shards)
     plan = EpochPlan(found, n_slots=world_size * streams, micro_batch=micro_batch, seed=seed)
     ds = ShardStream(cfg, plan, rank=rank, n_workers=streams, micro_batch=micro_batch, train=train, seed=seed)
     loader = StreamingLoader(ds, workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,13 +93,24 @@ def _resume_point(opts: RunOptions, ckpt_dir: Path, info: DistInfo, log: NullLog
     return where
 
 
+def _check_resume(where: ckpt.ResumePoint, shape: dict, cfg: RunConfig, opts: RunOptions,
+                  log: NullLogger) -> resume.Elastic | None:
+    """Refuse a checkpoint this run cannot continue exactly; log harmless changes; plan an elastic resume."""
+    saved_config = json.loads((where.ckpt_dir / where.tag / ckpt.RUN_CONFIG_FILE).read_text())
+    elastic, notes = resume.check(where.meta["shape"], shape, saved_config, cfg.model_dump(mode="json"),
+                                  where.meta["state"]["batch_in_epoch"], opts.elastic)
+    for note in notes:
+        log.info(note)
+    if elastic is not None:
+        log.info(elastic.describe(where.meta["shape"]))
+    return elastic
+
+
 def _universal_copy(where: ckpt.ResumePoint, info: DistInfo) -> str:
     """Rank 0 converts the tag to DeepSpeed's universal format once (cached beside it)."""
     name = f"{where.tag}.universal"
     final, tmp = where.ckpt_dir / name, where.ckpt_dir / f"{ckpt.TMP}{name}"
     if info.is_main and not final.is_dir():
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         to_universal(where.ckpt_dir / where.tag, tmp)
         tmp.rename(final)
@@ -119,17 +131,12 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     where = _resume_point(opts, ckpt_dir, info, quiet)
 
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    shape = resume.run_shape(cfg, micro, accum, info.world_size, resolve_shards(cfg.data.train_shards), stage)
+    shards = resolve_shards(cfg.data.train_shards)  # once: without a manifest this scans the tars
+    shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage)
     elastic, universal_tag = None, None
     if where is not None:
-        saved = where.meta
-        elastic, notes = resume.check(saved["shape"], shape, json.loads((where.ckpt_dir / where.tag / ckpt.RUN_CONFIG_FILE)
-                                      .read_text()), cfg.model_dump(mode="json"),
-                                      saved["state"]["batch_in_epoch"], opts.elastic)
-        for note in notes:
-            quiet.info(note)
-        if elastic is not None:
-            quiet.info(elastic.describe(saved["shape"]))
+        elastic = _check_resume(where, shape, cfg, opts, quiet)
+        if elastic is not None:  # the same streams and global batch on this world size
             cfg = cfg.model_copy(deep=True)
             if elastic.streams_per_rank > 1 or cfg.data.num_workers > 1:
                 cfg.data.num_workers = elastic.streams_per_rank
@@ -137,10 +144,10 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
             ds.pop("train_batch_size", None)
             ds.setdefault("checkpoint", {})["load_universal"] = True
             micro, accum, global_batch = batch_geometry(ds, info.world_size)
-            shape = resume.run_shape(cfg, micro, accum, info.world_size, resolve_shards(cfg.data.train_shards), stage)
+            shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage)
             universal_tag = _universal_copy(where, info)
 
-    train_loader = build_loader(cfg, cfg.data.train_shards, rank=info.rank, world_size=info.world_size,
+    train_loader = build_loader(cfg, shards, rank=info.rank, world_size=info.world_size,
                                 micro_batch=micro, train=True)
     val_loader = None
     if cfg.data.val_shards:
@@ -171,8 +178,6 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
             state.batch_in_epoch = elastic.batch_in_epoch
             barrier()
             if info.is_main:  # loaded into every rank: the converted copy is no longer needed
-                import shutil
-
                 shutil.rmtree(where.ckpt_dir / universal_tag, ignore_errors=True)
 
     log = make_logger(info.rank, run_dir, cfg.log.tensorboard, total, state.step)
