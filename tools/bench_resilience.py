@@ -163,7 +163,8 @@ def main() -> None:
         results["stop"] = [bench_stop(args.work, t, data) for t in ("group", "ctrl-c", "runner", "rank")]
     print(f"CPU: {results['cpu']} (at start), {_cpu()} (at end)")
     for r in results.get("stop", []):
-        print(f"SIGTERM to the {r['target']}: no process left after {r['seconds_to_no_process']:.1f} s, runner exit "
+        what = "SIGINT to the group (Ctrl-C)" if r["target"] == "ctrl-c" else f"SIGTERM to the {r['target']}"
+        print(f"{what}: no process left after {r['seconds_to_no_process']:.1f} s, runner exit "
               f"{r['runner_exit']}, saved {r['saved']}; {r['message']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
