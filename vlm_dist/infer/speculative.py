@@ -129,3 +129,21 @@ def speculative_generate(model, image: torch.Tensor, prompt: list[int], max_new_
         image = image[None]
     ids, stats = speculative_generate_batch(model, image, [prompt], max_new_tokens, draft_vocab)
     return ids[0], stats
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """Stats of several `speculative_generate_batch` calls as one (sums; rates weighted by row-calls)."""
+    row_calls = sum(p["row_calls"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    n = len(parts[0]["accepted_per_position"])
+    accepted = [sum(p["accepted_per_position"][i] * p["row_calls"] for p in parts) for i in range(n)]
+    return {"calls": sum(p["calls"] for p in parts), "row_calls": row_calls, "tokens": tokens,
+            "tokens_per_call": tokens / max(row_calls, 1), "accepted_per_position": [a / max(row_calls, 1) for a in accepted]}
+
+
+def format_stats(stats: dict, seconds: float | None = None) -> str:
+    """One line: tokens per call, acceptance per draft position, and tokens/s when `seconds` is given."""
+    acc = " ".join(f"{a:.0%}" for a in stats["accepted_per_position"])
+    line = (f"speculative decoding: {stats['tokens_per_call']:.2f} tokens per model call per row "
+            f"({stats['tokens']} tokens, {stats['calls']} batched calls); accepted per draft position: {acc}")
+    return line + (f"; {stats['tokens'] / seconds:.0f} tokens/s" if seconds else "")
