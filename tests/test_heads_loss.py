@@ -69,3 +69,27 @@ def test_loss_without_gradients_matches_and_sample_losses_are_per_head():
         ref = plain_loss(model, images, ids, targets)
     assert abs(out["loss"].item() - ref.item()) <= 1e-6
     assert out["sample_losses"].shape == (3, 3) and torch.allclose(out["sample_losses"].mean(0), out["head_losses"])
+
+
+@pytest.mark.slow
+def test_memory_saving_head_loss_equals_plain_under_zero_2_and_3_on_two_ranks():
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port, train_env
+
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "tests/scripts/head_loss_zero.py", "2", "3"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=train_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-5000:]
+    results = [json.loads(line) for line in outs[0].splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in results] == [2, 3]
+    for r in results:
+        assert r["world"] == 2 and r["n_grads"] > 10 and r["grad_max"] > 1e-4, r
+        assert r["loss_diff"] <= 1e-6 and r["grad_diff"] <= 1e-6 and r["step2_loss_diff"] <= 1e-6, r
