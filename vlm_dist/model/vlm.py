@@ -116,16 +116,23 @@ class VLM(nn.Module):
             states = [s[:, P:] for s in self.head_states(h)]  # text positions only: (B, T, D) per head
             out["logits"] = torch.stack([self.lm_head(s) for s in states], dim=1)  # (B, n_future, T, V)
         if targets is not None:
-            # One head at a time: each head's state is made, unembedded and scored in row chunks under
-            # checkpointing, so only one chunk's (rows, V) logits are alive, in forward and in backward.
-            per_sample = torch.stack([self._sample_losses(self._head_state(k, h)[:, P:], targets[:, k])
-                                      for k in range(self.cfg.n_future)], 1)  # (B, n)
-            weights = torch.tensor(self.cfg.head_weights, dtype=per_sample.dtype, device=per_sample.device)
-            head_losses = per_sample.mean(dim=0)  # (n_future,)
-            out["loss"] = (weights * head_losses).sum()
-            out["head_losses"] = head_losses.detach()
-            out["sample_losses"] = per_sample.detach()
+            out.update(self.head_loss(h, targets))
         return out
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads' training loss from the trunk's last hidden state h (B, P+T, D), targets (B, n, T).
+
+        One head at a time: each head's state is made, unembedded and scored in row chunks under
+        checkpointing, so only one chunk's (rows, V) logits are alive, in forward and in backward
+        (tools/bench_head_loss.py measures the peak against all heads' logits at once).
+        """
+        P = self.n_image_tokens
+        per_sample = torch.stack([self._sample_losses(self._head_state(k, h)[:, P:], targets[:, k])
+                                  for k in range(self.cfg.n_future)], 1)  # (B, n)
+        weights = torch.tensor(self.cfg.head_weights, dtype=per_sample.dtype, device=per_sample.device)
+        head_losses = per_sample.mean(dim=0)  # (n_future,)
+        return {"loss": (weights * head_losses).sum(), "head_losses": head_losses.detach(),
+                "sample_losses": per_sample.detach()}
 
     def _head_state(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Head k's normalised state (B, S, D) from the trunk's h: the final norm (k = 0), else extra block
