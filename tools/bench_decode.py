@@ -6,10 +6,12 @@
     python tools/bench_decode.py --cache-table                               # cached vs uncached greedy
 
 1. Trained model (--model, an export folder), per thread count (--threads) and batch size (--batches):
-   greedy (`generate`, temperature 0) and speculative (`speculative_generate_batch`) decode the same
+   greedy as before issue 9 (lm_head logits then argmax), greedy (`generate`, temperature 0: one
+   W @ X^T matmul + argmax, VLM.greedy_ids) and speculative (`speculative_generate_batch`) decode the same
    validation images (captions, --new-tokens at most), alternately, --repeats times; medians. Reported:
    tokens/s of each (emitted tokens: the end token is not counted), the speed-up, tokens per model call
-   per row, acceptance per draft position, and whether the outputs are identical token for token.
+   per row, acceptance per draft position, and whether the three outputs are identical token for token.
+   The speed-up is speculative over greedy (this code), the harder comparison.
 2. --base: the `base` decoder (24 x 768, n_future 4; the 32 px tiny vision tower instead of ViT-B-32,
    which only the prefill sees) with random weights. Random heads accept ~nothing, so what is measured
    is the price of a call: seconds per greedy step and per speculative verify call (full runs of both
@@ -51,6 +53,27 @@ def load_images(model, shards: str | None, scenes: int) -> torch.Tensor:
     return torch.stack([im for im, _, _ in demo_samples(scenes, seed=12345, side=model.cfg.vision.geometry["image_size"])])
 
 
+@torch.no_grad()
+def legacy_greedy(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> list[list[int]]:
+    """Greedy decoding as `generate` did it before issue 9 (same prompt for every row): each step
+    unembeds the (B, V) logits with lm_head, then takes their argmax."""
+    from vlm_dist.text import get_tokenizer
+
+    eos, B = get_tokenizer().eos_id, images.shape[0]
+    cache = model.new_cache(B)
+    logits = model.step(torch.tensor([prompt] * B), cache, images=images, next_token_only=True)[:, 0, -1]
+    seq, done = [], torch.zeros(B, dtype=torch.bool)
+    for i in range(new_tokens):
+        nxt = logits.argmax(dim=-1)
+        seq.append(nxt)
+        done |= nxt == eos
+        if done.all() or i == new_tokens - 1:
+            break
+        logits = model.step(nxt[:, None], cache, next_token_only=True)[:, 0, -1]
+    rows = torch.stack(seq, 1).tolist()
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
 def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) -> dict:
     """Greedy vs speculative over all images in batches of B; medians of alternating repeats."""
     from vlm_dist.infer.generate import generate
@@ -59,16 +82,18 @@ def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) 
 
     prompt = prompt_tokens(get_tokenizer())
     batches = [images[i : i + B] for i in range(0, len(images), B)]
-    g_t, s_t = [], []
+    g_t, s_t, l_t = [], [], []
     for _ in range(repeats):
-        greedy, spec = [], []
+        greedy, spec, legacy = [], [], []
+        l_t.append(timed(lambda: [legacy.extend(legacy_greedy(model, b, prompt, new_tokens)) for b in batches]))
         g_t.append(timed(lambda: [greedy.extend(generate(model, b, [prompt] * len(b), new_tokens)) for b in batches]))
         s_t.append(timed(lambda: [spec.append(speculative_generate_batch(model, b, [prompt] * len(b), new_tokens))
                                   for b in batches]))
     rows = [r for out, _ in spec for r in out]
     stats = merge_stats([s for _, s in spec])
     tokens = sum(map(len, greedy))
-    return {"batch": B, "tokens": tokens, "identical": rows == greedy, "greedy_tps": tokens / statistics.median(g_t),
+    return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy,
+            "legacy_tps": tokens / statistics.median(l_t), "greedy_tps": tokens / statistics.median(g_t),
             "spec_tps": stats["tokens"] / statistics.median(s_t), "speedup": statistics.median(g_t) / statistics.median(s_t),
             "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"]}
 
@@ -114,14 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg = load_exported(args.model)
         images = load_images(model, args.shards, args.scenes)
         print(f"\n{args.model} (n_future={cfg.n_future}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
-              "| threads | batch | greedy tok/s | speculative tok/s | speed-up | tokens/call | accepted per draft position | identical |\n"
-              "|---|---|---|---|---|---|---|---|")
+              "| threads | batch | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up | tokens/call | "
+              "accepted per draft position | identical |\n|---|---|---|---|---|---|---|---|---|")
         for threads in args.threads:
             torch.set_num_threads(threads)
             for B in args.batches:
                 r = results[threads, B] = compare(model, images, B, args.new_tokens, args.repeats)
                 acc = " ".join(f"{a:.2f}" for a in r["accepted"])
-                print(f"| {threads} | {B} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | {r['speedup']:.2f}x | "
+                print(f"| {threads} | {B} | {r['legacy_tps']:.0f} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | {r['speedup']:.2f}x | "
                       f"{r['tokens_per_call']:.2f} | {acc} | {r['identical']} |", flush=True)
     if args.base and results:
         widths = {"demo (random weights)": load_config("demo", ["model.n_future=4"]).model,

@@ -83,38 +83,44 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     draft = torch.cat([model.greedy_ids(at[0])[:, None], _draft_ids(at[1:], table)], dim=1)  # (B, n)
 
     out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
+    live = list(range(B))  # the original row of each row still in the batch
     calls = row_calls = 0
     accepted_at = [0] * n
-    while not all(done):
+    while live:
         base = list(cache.lengths)
-        states = model.step_states(draft, cache)  # per head (B, n, D); every row's cache grew by n
+        states = model.step_states(draft, cache)  # per head (b, n, D); every row's cache grew by n
         calls += 1
-        greedy = model.greedy_ids(states[0])  # (B, n): head 0's exact choice after each draft token
-        match = (draft[:, 1:] == greedy[:, :-1]).long()  # (B, n-1)
-        accepted = 1 + match.cumprod(dim=1).sum(dim=1)  # (B,) in 1..n: the longest matching prefix
+        row_calls += len(live)
+        greedy = model.greedy_ids(states[0])  # (b, n): head 0's exact choice after each draft token
+        match = (draft[:, 1:] == greedy[:, :-1]).long()  # (b, n-1)
+        accepted = 1 + match.cumprod(dim=1).sum(dim=1)  # (b,) in 1..n: the longest matching prefix
         idx = accepted - 1  # each row's last accepted position in this call
-        at = torch.stack([s[rows, idx] for s in states[1:]]) if n > 1 else states[0][:0, 0]  # (n-1, B, D)
-        next_draft = torch.cat([greedy[rows, idx][:, None], _draft_ids(at, table)], dim=1)  # (B, n)
+        at = torch.stack([s[rows, idx] for s in states[1:]]) if n > 1 else states[0][:0, 0]  # (n-1, b, D)
+        next_draft = torch.cat([greedy[rows, idx][:, None], _draft_ids(at, table)], dim=1)  # (b, n)
 
-        acc, tokens = accepted.tolist(), draft.tolist()
-        for b in range(B):
-            if done[b]:
-                acc[b] = 0  # finished rows ride along (fed, never advanced)
-                continue
-            row_calls += 1
-            for i in range(acc[b]):
+        acc, tokens, keep = accepted.tolist(), draft.tolist(), []
+        for r, b in enumerate(live):
+            for i in range(acc[r]):
                 accepted_at[i] += 1
-            for t in tokens[b][: acc[b]]:
+            finished = False
+            for t in tokens[r][: acc[r]]:
                 if t == tok.eos_id:
-                    done[b] = True
+                    finished = True
                     break
                 out[b].append(t)
                 if len(out[b]) >= max_new_tokens:
-                    done[b] = True
+                    finished = True
                     break
+            if not finished:
+                keep.append(r)
         cache.crop([l + a for l, a in zip(base, acc)])  # forget rejected positions (causal: the rest stands)
         draft = next_draft
+        if len(keep) < len(live):  # finished rows leave the batch: later calls do not compute them
+            live = [live[r] for r in keep]
+            if keep:
+                cache.keep_rows(keep)
+                draft = draft[keep]
+                rows = rows[: len(keep)]
     model.train(was_training)
     emitted = sum(map(len, out))
     return out, {"calls": calls, "row_calls": row_calls, "tokens": emitted,

@@ -100,6 +100,13 @@ class KVCache:
             raise ValueError(f"cannot crop a cache of lengths {self.lengths} to {n}")
         self.lengths = new
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order): finished rows leave a batch (copies the kept rows)."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        self.lengths = [self.lengths[r] for r in rows]
+        self._mask_key = None
+
     def set_lengths(self, lengths: list[int]) -> None:
         """Declare rows' valid lengths after a padded prefill (row b's positions past lengths[b] are
         padding, hidden from then on and overwritten by its next tokens)."""
