@@ -1,4 +1,4 @@
-"""The memory-saving head loss (one head at a time, checkpointed row chunks) equals the plain one:
+"""The memory-saving head loss (all heads' rows through one chunked linear-cross-entropy) equals the plain one:
 every head's logits materialised at once, as the model computed it before issue 9."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vlm_dist.config import load_config
 from vlm_dist.model import VLM
-from vlm_dist.model import vlm as vlm_module
+from vlm_dist.model import loss as loss_module
 from vlm_dist.text import IGNORE_INDEX
 
 
@@ -40,7 +40,7 @@ def batch(n_future, B=3, T=12, seed=0):
 @pytest.mark.parametrize("n_future,ckpt", [(2, True), (3, False), (4, True)])
 def test_memory_saving_head_loss_equals_plain_loss_and_gradients(monkeypatch, n_future, ckpt):
     # chunks of 5 rows: every head's loss spans several checkpointed chunks (one has a ragged tail)
-    monkeypatch.setattr(vlm_module, "CE_CHUNK_ELEMENTS", 5 * 49408)
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 5 * 49408)
     torch.manual_seed(n_future)
     cfg = load_config("tiny", [f"model.n_future={n_future}", f"model.activation_checkpointing={str(ckpt).lower()}",
                                f"model.mtp_weights={[1.0] + [0.5] * (n_future - 1)}"]).model

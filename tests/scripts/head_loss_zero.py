@@ -1,5 +1,5 @@
 """Run per rank (tests/test_heads_loss.py starts it): under each ZeRO stage given, fp32, the model's
-memory-saving head loss (chunked, checkpointed) and the plain one (every head's logits at once,
+memory-saving head loss (one chunked linear-cross-entropy) and the plain one (every head's logits at once,
 tests/test_heads_loss.py::plain_loss) give the same loss and full gradients (safe_get_full_grad, a
 collective) at step 1, and the same loss after an optimizer step.
 
@@ -17,7 +17,7 @@ from torch import nn
 from tests.test_heads_loss import batch, plain_loss
 from vlm_dist.config import load_config
 from vlm_dist.model import VLM
-from vlm_dist.model import vlm as vlm_module
+from vlm_dist.model import loss as loss_module
 from vlm_dist.train.dist import init_distributed
 from vlm_dist.train.engine import build_engine
 
@@ -56,7 +56,7 @@ def run(stage: int, rank: int, plain: bool) -> tuple[list[float], dict[str, torc
 
 def main(stages: list[int]) -> None:
     info = init_distributed()
-    vlm_module.CE_CHUNK_ELEMENTS = 5 * 49408  # several checkpointed chunks per head
+    loss_module.CHUNK_ELEMENTS = 5 * 49408  # several checkpointed chunks per head
     for stage in stages:
         new_losses, new_grads = run(stage, info.rank, plain=False)
         ref_losses, ref_grads = run(stage, info.rank, plain=True)

@@ -13,20 +13,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
 from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads
+from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
 
-# Logit elements (rows x vocabulary) unembedded at once in the training loss: 2^22 fp32 = 16 MiB,
-# about 85 rows of the 49,408-token vocabulary. Small enough to keep the loss's peak memory at one
-# chunk's logits, large enough that the matmul per chunk is not dominated by per-call overhead.
-CE_CHUNK_ELEMENTS = 1 << 22
 
 
 class VLM(nn.Module):
@@ -43,7 +39,7 @@ class VLM(nn.Module):
         )
         self.norm = nn.LayerNorm(D)
         self.extra_heads = ExtraHeads(cfg)
-        self.lm_head = nn.Linear(D, vocab_size, bias=False)
+        self.lm_head = Unembedding(D, vocab_size)  # nn.Linear (V, D) that can also score targets in chunks
         self._init_decoder_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -122,13 +118,19 @@ class VLM(nn.Module):
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """The heads' training loss from the trunk's last hidden state h (B, P+T, D), targets (B, n, T).
 
-        One head at a time: each head's state is made, unembedded and scored in row chunks under
-        checkpointing, so only one chunk's (rows, V) logits are alive, in forward and in backward
+        Every head's valid positions go through ONE chunked linear + cross-entropy (model/loss.py): no
+        head's (rows, V) logits are ever whole, and W gets one gradient, not one per head
         (tools/bench_head_loss.py measures the peak against all heads' logits at once).
         """
-        P = self.n_image_tokens
-        per_sample = torch.stack([self._sample_losses(self._head_state(k, h)[:, P:], targets[:, k])
-                                  for k in range(self.cfg.n_future)], 1)  # (B, n)
+        P, n, B = self.n_image_tokens, self.cfg.n_future, targets.shape[0]
+        valid = targets != IGNORE_INDEX  # (B, n, T)
+        x = torch.cat([self._head_state(k, h)[:, P:][valid[:, k]] for k in range(n)])  # (N, D), head-major
+        ce = self.lm_head(x, targets.transpose(0, 1)[valid.transpose(0, 1)])  # (N,) fp32, same order
+        # per (sample, head) mean over the sample's valid targets (0 where it has none): (B, n)
+        counts = valid.sum(dim=2)  # (B, n)
+        per_head = ce.split(counts.sum(dim=0).tolist())
+        per_sample = torch.stack([torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(
+            0, valid[:, k].nonzero(as_tuple=True)[0], c) / counts[:, k].clamp(min=1) for k, c in enumerate(per_head)], 1)
         weights = torch.tensor(self.cfg.head_weights, dtype=per_sample.dtype, device=per_sample.device)
         head_losses = per_sample.mean(dim=0)  # (n_future,)
         return {"loss": (weights * head_losses).sum(), "head_losses": head_losses.detach(),
@@ -143,34 +145,6 @@ class VLM(nn.Module):
         if self.cfg.activation_checkpointing and self.training:
             return norm(checkpoint(block, h, use_reentrant=False))
         return norm(block(h))
-
-    def _sample_losses(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean CE over the sample's valid targets (0 where it has none): (B,). The
-        unembedding runs only on valid positions (the costliest matmul at this model size)."""
-        B = target.shape[0]
-        valid = target != IGNORE_INDEX  # (B, T)
-        rows = valid.nonzero(as_tuple=True)[0]  # sample of each valid position
-        ce = self._token_losses(state[valid], target[valid])  # (N,)
-        per_sample = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
-        return per_sample / valid.sum(dim=1).clamp(min=1)
-
-    def _token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each row: x (N, D) states, y (N,) targets -> (N,) fp32, in chunks of
-        CE_CHUNK_ELEMENTS // V rows. With gradients on, each chunk's unembedding -> fp32 -> CE is
-        checkpointed: forward keeps only its (C,) losses, backward recomputes one chunk's logits at a
-        time, so no (N, V) tensor (times n_future heads) is ever held (a chunked linear-cross-entropy)."""
-        rows = max(1, CE_CHUNK_ELEMENTS // self.vocab_size)
-        chunks = []
-        for i in range(0, x.shape[0], rows):
-            xc, yc = x[i : i + rows], y[i : i + rows]
-            if torch.is_grad_enabled():
-                chunks.append(checkpoint(self._chunk_ce, xc, yc, use_reentrant=False))
-            else:
-                chunks.append(self._chunk_ce(xc, yc))
-        return torch.cat(chunks) if chunks else x.new_zeros(0, dtype=torch.float32)
-
-    def _chunk_ce(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.lm_head(x).float(), y, reduction="none")  # (C, V) logits live only here
 
     # --- incremental decoding ----------------------------------------------------------------
 
