@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm_dist.model.vlm import unembed_argmax
 from vlm_dist.text import get_tokenizer
 
 DRAFT_VOCAB = 16384  # draft heads score ids < this (+ the end token); covers every word of the demo captions
@@ -43,7 +44,7 @@ def _draft_ids(states: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor | N
     k, B, D = states.shape
     if k == 0:
         return torch.zeros(B, 0, dtype=torch.long, device=states.device)
-    best = (W @ states.reshape(k * B, D).to(W.dtype).contiguous().T).argmax(dim=0).view(k, B)  # see VLM.greedy_ids
+    best = unembed_argmax(states.reshape(k * B, D), W).view(k, B)
     return (best if ids is None else ids[best]).T
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,6 +24,25 @@ from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
 
+
+
+def unembed_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """argmax_v (x @ weight.T)[:, v] for x (N, D), weight (V, D): ids (N,), without keeping the logits.
+
+    The kernel depends on N, measured on the 2-core EPYC CPU (1 thread, V = 49,408, D = 128;
+    docs/bench/issue9.md): up to 8 rows, W @ X^T (V, N) with X row-major is the fast layout (1.0 ms for
+    2 rows, 1.3 ms for 4, where x @ W^T costs 2.6 ms for 1 row and 9.3 ms for 3; a one-column W @ x and
+    W @ X^T with X^T made contiguous hit slow kernels, so one row is fed twice); beyond 8 rows the
+    argmax along the (V, N) result's outer dimension costs more than the matmul's layout saves, and
+    x @ W^T (N, V) with a contiguous argmax wins (15 vs 22 ms at 32 rows).
+    """
+    x = x.to(weight.dtype).contiguous()
+    N = x.shape[0]
+    if N > 8:
+        return F.linear(x, weight).argmax(dim=-1)
+    if N == 1:
+        x = x.repeat(2, 1)
+    return (weight @ x.T).argmax(dim=0)[:N]
 
 
 class VLM(nn.Module):
@@ -187,17 +207,6 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def greedy_ids(self, states: torch.Tensor) -> torch.Tensor:
-        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...).
-
-        One matmul for all rows, as W (V, D) @ X^T (D, N) with X (N, D) row-major: measured on the 2-core
-        EPYC CPU (1 thread, V = 49,408, D = 128) that layout costs 1.0 ms for 2 rows and 1.3 ms for 4,
-        where lm_head(x) costs 2.6 ms (1 row), 9.3 ms (3 rows) and 2.6 ms (4 rows), and both a one-column
-        W @ x and W @ X^T with X^T made contiguous hit slow kernels (2.6 ms, 8.6 ms): a single row is
-        fed twice. The (V, N) logits are the only vocabulary-sized tensor made.
-        """
-        W = self.lm_head.weight  # (V, D)
-        x = states.reshape(-1, states.shape[-1]).to(W.dtype).contiguous()  # (N, D)
-        if x.shape[0] == 1:
-            x = x.repeat(2, 1)
-        ids = (W @ x.T).argmax(dim=0)  # (N',)
-        return ids[: states[..., 0].numel()].view(states.shape[:-1])
+        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...),
+        as one matmul for all rows (`unembed_argmax`)."""
+        return unembed_argmax(states.reshape(-1, states.shape[-1]), self.lm_head.weight).view(states.shape[:-1])
