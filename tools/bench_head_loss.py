@@ -1,5 +1,5 @@
 """Peak memory and time of the heads' training loss: all heads' logits at once (before issue 9) vs the
-model's chunked, checkpointed `VLM.head_loss`.
+model's chunked linear + cross-entropy (`VLM.head_loss`, model/loss.py).
 
     python tools/bench_head_loss.py                      # base width (24 x 768, n_future 4), micro-batch 16
     python tools/bench_head_loss.py --preset demo --batch 16 --dtype bf16 --n-future 4
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {os.getloadavg()[0]:.1f}\n"
           "| loss computation | peak MiB (fwd+bwd) | seconds (median) |\n|---|---|---|\n"
           f"| all heads' logits at once (before) | {a['peak_mib']:.0f} | {a['seconds']:.2f} |\n"
-          f"| chunked + checkpointed (VLM.head_loss) | {b['peak_mib']:.0f} | {b['seconds']:.2f} |\n"
+          f"| one chunked linear + cross-entropy (VLM.head_loss) | {b['peak_mib']:.0f} | {b['seconds']:.2f} |\n"
           f"| ratio new / old | {b['peak_mib'] / a['peak_mib']:.3f} | {b['seconds'] / a['seconds']:.2f} |")
 
 
