@@ -146,7 +146,7 @@ def format_metrics(m: dict) -> str:
     if scores:
         not_run = "SPICE" if "METEOR" in m else "METEOR (no Java) and SPICE"
         lines.append(f"caption metrics (pycocoevalcap; {not_run} not run): " + ", ".join(scores))
-    lines.append(f"greedy decoding: {m['decode_tokens_per_s']:.0f} tokens/s")
+    lines.append(f"{'speculative' if 'speculative' in m else 'greedy'} decoding: {m['decode_tokens_per_s']:.0f} tokens/s")
     if "speculative" in m:
         from vlm_dist.infer.speculative import format_stats
 
