@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verified by the model, a batch in one "
                     "loop: output identical to greedy. Measured on 2 CPU cores, demo-width model with n_future 4 "
-                    "(docs/bench/issue9.md): 1.4-1.5x greedy's tokens/s at batch 1, 1.15-1.5x at batch 8. "
+                    "(docs/bench/issue9.md): 1.5x greedy's tokens/s at batch 1, 1.1x at batch 8. "
                     "Greedy only: refused with --temperature > 0.")
 config_app = typer.Typer(help="Inspect run configurations and presets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
