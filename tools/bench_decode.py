@@ -1,13 +1,25 @@
-"""Greedy decoding speed: KV-cached vs uncached at batch 1 and 8, and self-speculative decoding.
+"""Decoding speed on CPU: KV-cached greedy vs self-speculative decoding (and cached vs uncached greedy).
 
-    python tools/bench_decode.py                          # demo-preset architecture, random weights
-    python tools/bench_decode.py --model runs/demo/export --shards data/demo/shards/val   # a trained model
+    python tools/bench_decode.py --model runs/quick4 --scenes 32             # trained model, demo scenes
+    python tools/bench_decode.py --model runs/demo/export --shards data/demo/shards/val
+    python tools/bench_decode.py --model runs/quick4 --scenes 32 --base      # + the base-width projection
+    python tools/bench_decode.py --cache-table                               # cached vs uncached greedy
 
-The cache table always uses random weights of the same architecture: they rarely emit the end token, so every row decodes the full --new-tokens and the
-tokens/s figures compare like with like. Self-speculative decoding needs heads that agree with the
-trunk, i.e. a trained model: with --model it reports tokens per model call and tokens/s on real
-validation images (captions), beside plain cached greedy decoding on the same images.
-Each measurement is repeated (--repeats) in alternation; the table shows medians.
+1. Trained model (--model, an export folder), per thread count (--threads) and batch size (--batches):
+   greedy as before issue 9 (lm_head logits then argmax), greedy (`generate`, temperature 0: one
+   W @ X^T matmul + argmax, VLM.greedy_ids) and speculative (`speculative_generate_batch`) decode the same
+   validation images (captions, --new-tokens at most), alternately, --repeats times; medians. Reported:
+   tokens/s of each (emitted tokens: the end token is not counted), the speed-up, tokens per model call
+   per row, acceptance per draft position, and whether the three outputs are identical token for token.
+   The speed-up is speculative over greedy (this code), the harder comparison.
+2. --base: the `base` decoder (24 x 768, n_future 4; the 32 px tiny vision tower instead of ViT-B-32,
+   which only the prefill sees) with random weights. Random heads accept ~nothing, so what is measured
+   is the price of a call: seconds per greedy step and per speculative verify call (full runs of both
+   with every row decoding all --new-tokens, prefill included, divided by their calls). The projected
+   speed-up is tokens-per-call (measured on the trained model in part 1) x greedy step / verify call;
+   the same projection at the demo width is printed beside its measured speed-up as a check.
+3. --cache-table: cached vs uncached greedy with random demo-architecture weights (every row decodes
+   the full --new-tokens, so tokens/s compare like with like).
 """
 
 from __future__ import annotations
@@ -28,86 +40,150 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_cache(model, batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
+def load_images(model, shards: str | None, scenes: int) -> torch.Tensor:
+    """Validation images: from shards, or `scenes` demo scenes rendered in memory (seed 12345, unseen in training)."""
+    if shards:
+        from vlm_dist.data.samples import ImageToTensor
+        from vlm_dist.infer.evaluate import iter_shard_samples
+
+        to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
+        return torch.stack([to_tensor(jpg) for _, jpg, _ in iter_shard_samples(shards, scenes)])
+    from train_quick import demo_samples  # tools/ is on sys.path when this file runs as a script
+
+    return torch.stack([im for im, _, _ in demo_samples(scenes, seed=12345, side=model.cfg.vision.geometry["image_size"])])
+
+
+@torch.no_grad()
+def legacy_greedy(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> list[list[int]]:
+    """Greedy decoding as `generate` did it before issue 9 (same prompt for every row): each step
+    unembeds the (B, V) logits with lm_head, then takes their argmax."""
+    from vlm_dist.text import get_tokenizer
+
+    eos, B = get_tokenizer().eos_id, images.shape[0]
+    cache = model.new_cache(B)
+    logits = model.step(torch.tensor([prompt] * B), cache, images=images, next_token_only=True)[:, 0, -1]
+    seq, done = [], torch.zeros(B, dtype=torch.bool)
+    for i in range(new_tokens):
+        nxt = logits.argmax(dim=-1)
+        seq.append(nxt)
+        done |= nxt == eos
+        if done.all() or i == new_tokens - 1:
+            break
+        logits = model.step(nxt[:, None], cache, next_token_only=True)[:, 0, -1]
+    rows = torch.stack(seq, 1).tolist()
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
+def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) -> dict:
+    """Greedy vs speculative over all images in batches of B; medians of alternating repeats."""
     from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.speculative import merge_stats, speculative_generate_batch
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
-    tok = get_tokenizer()
+    prompt = prompt_tokens(get_tokenizer())
+    batches = [images[i : i + B] for i in range(0, len(images), B)]
+    g_t, s_t, l_t = [], [], []
+    for _ in range(repeats):
+        greedy, spec, legacy = [], [], []
+        l_t.append(timed(lambda: [legacy.extend(legacy_greedy(model, b, prompt, new_tokens)) for b in batches]))
+        g_t.append(timed(lambda: [greedy.extend(generate(model, b, [prompt] * len(b), new_tokens)) for b in batches]))
+        s_t.append(timed(lambda: [spec.append(speculative_generate_batch(model, b, [prompt] * len(b), new_tokens))
+                                  for b in batches]))
+    rows = [r for out, _ in spec for r in out]
+    stats = merge_stats([s for _, s in spec])
+    tokens = sum(map(len, greedy))
+    return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy,
+            "legacy_tps": tokens / statistics.median(l_t), "greedy_tps": tokens / statistics.median(g_t),
+            "spec_tps": stats["tokens"] / statistics.median(s_t), "speedup": statistics.median(g_t) / statistics.median(s_t),
+            "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"]}
+
+
+def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
+    """Seconds per greedy step and per speculative call with random weights (rows never stop early)."""
+    from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.speculative import speculative_generate_batch
+    from vlm_dist.text import get_tokenizer, prompt_tokens
+
     size = model.cfg.vision.geometry["image_size"]
-    rows = []
-    for B in batches:
-        images = torch.randn(B, 3, size, size)
-        prompts = [prompt_tokens(tok)] * B
-        times = {True: [], False: []}
-        for _ in range(repeats):
-            for cached in (True, False):
-                times[cached].append(timed(lambda: generate(model, images, prompts, new_tokens, use_cache=cached)))
-        for cached in (True, False):
-            med = statistics.median(times[cached])
-            rows.append({"batch": B, "kv_cache": cached, "seconds": med, "tokens_per_s": B * new_tokens / med})
-    return rows
-
-
-def bench_speculative(model, shards: str, n_images: int, new_tokens: int, repeats: int) -> dict:
-    from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.evaluate import iter_shard_samples
-    from vlm_dist.infer.generate import generate
-    from vlm_dist.infer.speculative import speculative_generate
-    from vlm_dist.text import get_tokenizer, prompt_tokens
-
-    tok = get_tokenizer()
-    to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
-    images = [to_tensor(jpg) for _, jpg, _ in iter_shard_samples(shards, n_images)]
-    prompt = prompt_tokens(tok)
-    spec_t, greedy_t, calls, tokens, same = [], [], 0, 0, True
-    for r in range(repeats):
-        outs = []
-        spec_t.append(timed(lambda: outs.extend(speculative_generate(model, im, prompt, new_tokens) for im in images)))
-        greedy = []
-        greedy_t.append(timed(lambda: greedy.extend(generate(model, im[None], [prompt], new_tokens)[0] for im in images)))
-        if r == 0:
-            calls = sum(s["calls"] for _, s in outs)
-            tokens = sum(len(ids) for ids, _ in outs)
-            same = [ids for ids, _ in outs] == greedy
-    return {"images": len(images), "generated_tokens": tokens, "model_calls": calls,
-            "tokens_per_call": tokens / max(calls, 1), "identical_to_greedy": same,
-            "speculative_tokens_per_s": tokens / statistics.median(spec_t),
-            "greedy_tokens_per_s": tokens / statistics.median(greedy_t),
-            "speedup": statistics.median(greedy_t) / statistics.median(spec_t)}
+    images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0))
+    prompts = [prompt_tokens(get_tokenizer())] * B
+    g_t, s_t, stats = [], [], []
+    for _ in range(repeats):
+        g_t.append(timed(lambda: generate(model, images, prompts, new_tokens)))
+        s_t.append(timed(lambda: stats.append(speculative_generate_batch(model, images, prompts, new_tokens)[1])))
+    calls = stats[0]["calls"]
+    return {"greedy_step_s": statistics.median(g_t) / new_tokens, "spec_call_s": statistics.median(s_t) / calls,
+            "spec_calls": calls}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="an export folder (default: the demo architecture with random weights)")
-    p.add_argument("--shards", help="validation shards for the speculative measurement (needs --model)")
+    p.add_argument("--model", help="a trained export folder (n_future > 1) for part 1")
+    p.add_argument("--shards", help="validation shards (default: --scenes demo scenes rendered in memory)")
+    p.add_argument("--scenes", type=int, default=32, help="validation images")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--images", type=int, default=32, help="validation images for the speculative run")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--base", action="store_true", help="also the base-width call costs and projected speed-up")
+    p.add_argument("--cache-table", action="store_true", help="also cached vs uncached greedy (random demo weights)")
     args = p.parse_args(argv)
-    if args.shards and not args.model:
-        p.error("--shards needs --model: speculative decoding is only meaningful with trained heads")
     from vlm_dist.config import load_config
     from vlm_dist.model import VLM
 
-    trained = None
+    print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at start")
+    results = {}
     if args.model:
         from vlm_dist.infer.load import load_exported
 
-        trained, model_cfg = load_exported(args.model)
-    else:
-        model_cfg = load_config("demo").model
-    torch.manual_seed(0)
-    random = VLM(model_cfg).eval()  # same architecture; random weights decode every row to full length
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    print(f"| batch | KV cache | seconds (median, {args.new_tokens} tokens per row) | tokens/s |\n|---|---|---|---|")
-    for r in bench_cache(random, args.batches, args.new_tokens, args.repeats):
-        print(f"| {r['batch']} | {'yes' if r['kv_cache'] else 'no'} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} |")
-    if args.shards:
-        s = bench_speculative(trained, args.shards, args.images, args.new_tokens, max(1, args.repeats // 2))
-        print(f"\nself-speculative (batch 1, {s['images']} val captions, n_future={trained.cfg.n_future}): "
-              f"{s['tokens_per_call']:.2f} tokens per model call, {s['speculative_tokens_per_s']:.0f} tokens/s vs "
-              f"{s['greedy_tokens_per_s']:.0f} greedy ({s['speedup']:.2f}x); identical to greedy: {s['identical_to_greedy']}")
+        model, cfg = load_exported(args.model)
+        images = load_images(model, args.shards, args.scenes)
+        print(f"\n{args.model} (n_future={cfg.n_future}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
+              "| threads | batch | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up | tokens/call | "
+              "accepted per draft position | identical |\n|---|---|---|---|---|---|---|---|---|")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for B in args.batches:
+                r = results[threads, B] = compare(model, images, B, args.new_tokens, args.repeats)
+                acc = " ".join(f"{a:.2f}" for a in r["accepted"])
+                print(f"| {threads} | {B} | {r['legacy_tps']:.0f} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | {r['speedup']:.2f}x | "
+                      f"{r['tokens_per_call']:.2f} | {acc} | {r['identical']} |", flush=True)
+    if args.base and results:
+        widths = {"demo (random weights)": load_config("demo", ["model.n_future=4"]).model,
+                  "base 24x768 (random weights)": load_config("base", ["model.vision.model_name=vlm-tiny-vit",
+                                                                      "model.vision.pretrained=null"]).model}
+        print("\nprice of a call (random weights), projected speed-up = tokens/call (trained, above) x greedy step / call\n"
+              "| decoder | threads | batch | greedy step ms | speculative call ms | call / step | projected speed-up | measured (trained demo) |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for name, mcfg in widths.items():
+            torch.manual_seed(0)
+            m = VLM(mcfg).eval()
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for B in args.batches:
+                    c = call_costs(m, B, args.new_tokens, args.repeats)
+                    r = results.get((threads, B))
+                    ratio = c["spec_call_s"] / c["greedy_step_s"]
+                    proj = f"{r['tokens_per_call'] / ratio:.2f}x" if r else "-"
+                    meas = f"{r['speedup']:.2f}x" if r and name.startswith("demo") else ""
+                    print(f"| {name} | {threads} | {B} | {1e3 * c['greedy_step_s']:.2f} | {1e3 * c['spec_call_s']:.2f} | "
+                          f"{ratio:.2f} | {proj} | {meas} |", flush=True)
+    if args.cache_table:
+        from vlm_dist.infer.generate import generate
+        from vlm_dist.text import get_tokenizer, prompt_tokens
+
+        torch.manual_seed(0)
+        m = VLM(load_config("demo").model).eval()
+        size = m.cfg.vision.geometry["image_size"]
+        print("\n| batch | KV cache | seconds (median) | tokens/s |\n|---|---|---|---|")
+        for B in args.batches:
+            images = torch.randn(B, 3, size, size)
+            prompts = [prompt_tokens(get_tokenizer())] * B
+            for cached in (True, False):
+                t = statistics.median(timed(lambda: generate(m, images, prompts, args.new_tokens, use_cache=cached))
+                                      for _ in range(args.repeats))
+                print(f"| {B} | {'yes' if cached else 'no'} | {t:.3f} | {B * args.new_tokens / t:.0f} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at end")
 
 
 if __name__ == "__main__":

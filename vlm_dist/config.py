@@ -297,11 +297,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CPU demo: learns the synthetic shapes task on 2 cores. No pretrained vision weights exist
     # offline, so a small tower is trained from scratch; on this task the 32 px / patch-8 tower
     # learned as well as 64 px towers with 4x the image tokens (0.81-0.82 val token accuracy after
-    # 300-400 steps for each), at a fraction of the step time.
+    # 300-400 steps for each), at a fraction of the step time. n_future 4 (as base): after 600 steps its
+    # heads' drafts are accepted at 3.2 tokens per speculative call (docs/bench/issue9.md).
     "demo": {
         "model": {
             "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
-            "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "n_future": 3,
+            "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "n_future": 4,
             "activation_checkpointing": False,
         },
         "data": {"max_text_len": 32, "shuffle_buffer": 512},

@@ -84,8 +84,10 @@ def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[
 
 @torch.no_grad()
 def evaluate_generation(model, shards: str, limit: int | None = None, batch_size: int = 32,
-                        max_new_tokens: int = 24, progress: bool = True, meteor: bool = True) -> dict:
-    """Greedy captions and answers for the shards; returns metrics and per-task predictions."""
+                        max_new_tokens: int = 24, progress: bool = True, meteor: bool = True,
+                        speculative: bool = False) -> dict:
+    """Greedy captions and answers for the shards; returns metrics and per-task predictions.
+    speculative=True decodes with the multi-token heads drafting (same output) and adds its stats."""
     from tqdm import tqdm
 
     from vlm_dist.data.samples import ImageToTensor
@@ -95,14 +97,21 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
     tasks = _tasks(shards, limit)
     longest = max(len(prompt_tokens(tok, t["question"])) for t in tasks)  # every batch's prompts fit
-    max_new, note = fit_max_new_tokens(model.cfg, longest, max_new_tokens)
+    max_new, note = fit_max_new_tokens(model.cfg, longest, max_new_tokens, speculative)
     if note and progress:
         print(note, file=sys.stderr)
-    t0, n_tokens = time.perf_counter(), 0
+    t0, n_tokens, spec = time.perf_counter(), 0, []
     for i in tqdm(range(0, len(tasks), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk = tasks[i : i + batch_size]
         images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
-        outs = generate(model, images, [prompt_tokens(tok, t["question"]) for t in chunk], max_new_tokens=max_new)
+        prompts = [prompt_tokens(tok, t["question"]) for t in chunk]
+        if speculative:
+            from vlm_dist.infer.speculative import speculative_generate_batch
+
+            outs, stats = speculative_generate_batch(model, images, prompts, max_new_tokens=max_new)
+            spec.append(stats)
+        else:
+            outs = generate(model, images, prompts, max_new_tokens=max_new)
         for t, ids in zip(chunk, outs):
             t["prediction"] = tok.decode(ids)
             n_tokens += len(ids) + 1  # + the end token (or the cut)
@@ -114,6 +123,10 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
                "caption_exact_match": sum(map(hit, caps)) / max(len(caps), 1),
                "qa_accuracy": sum(map(hit, qas)) / max(len(qas), 1),
                "decode_tokens_per_s": n_tokens / seconds}
+    if spec:
+        from vlm_dist.infer.speculative import merge_stats
+
+        metrics["speculative"] = merge_stats(spec)
     if caps:
         metrics.update(coco_caption_scores({t["image_id"]: t["prediction"] for t in caps},
                                            {t["image_id"]: t["refs"] for t in caps}, meteor))
@@ -137,5 +150,9 @@ def format_metrics(m: dict) -> str:
     if scores:
         not_run = "SPICE" if "METEOR" in m else "METEOR (no Java) and SPICE"
         lines.append(f"caption metrics (pycocoevalcap; {not_run} not run): " + ", ".join(scores))
-    lines.append(f"greedy decoding: {m['decode_tokens_per_s']:.0f} tokens/s")
+    lines.append(f"{'speculative' if 'speculative' in m else 'greedy'} decoding: {m['decode_tokens_per_s']:.0f} tokens/s")
+    if "speculative" in m:
+        from vlm_dist.infer.speculative import format_stats
+
+        lines.append(format_stats(m["speculative"]))
     return "\n".join(lines)

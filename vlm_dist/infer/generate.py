@@ -60,11 +60,20 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     model.eval()
     cache = model.new_cache(B) if use_cache else None
     pos = start
-    logits = model.step(seq[:, :start], cache, images=images, next_token_only=True)[:, 0, -1] if use_cache else None
+    greedy = temperature <= 0
+
+    def cached_next(ids: torch.Tensor) -> torch.Tensor:
+        """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
+        the (B, V) logits; sampling: the last position's logits (B, V)."""
+        states = model.step_states(ids, cache, images=images if cache.lengths[0] == 0 else None, next_token_only=True)
+        return model.greedy_ids(states[0][:, -1]) if greedy else model.lm_head(states[0][:, -1])
+
+    scores = cached_next(seq[:, :start]) if use_cache else None  # next ids (greedy) or logits (B, V)
     while pos < total and not done.all():
         if not use_cache:
             logits = model(images, seq[:, :pos])["logits"][:, 0, -1]  # (B, V), full recompute
-        nxt = _pick(logits, temperature, top_p, generator)
+            scores = logits.argmax(dim=-1) if greedy else logits
+        nxt = scores if greedy else _pick(scores, temperature, top_p, generator)
         generating = pos >= in_prompt_len  # rows past their prompt take the model's token
         nxt = torch.where(generating & ~done, nxt, seq[:, pos])
         nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
@@ -72,7 +81,7 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
         done |= generating & ((nxt == tok.eos_id) | (pos + 1 >= ends))
         pos += 1
         if use_cache and pos < total and not done.all():
-            logits = model.step(seq[:, pos - 1 : pos], cache, next_token_only=True)[:, 0, -1]
+            scores = cached_next(seq[:, pos - 1 : pos])
     model.train(was_training)
     out = []
     for b, p in enumerate(prompts):

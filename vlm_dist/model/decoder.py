@@ -20,11 +20,15 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every attention layer for positions [0, length), preallocated to max_len.
+    """Keys and values of every attention layer, preallocated to max_len positions per row.
 
-    Layers 0..n_layers-1 are the trunk blocks, the rest the extra heads' blocks. All layers see the
-    same positions, so one `length` serves them all; the model calls `advance` after each forward.
-    `crop(n)` rolls back to n positions (rejected speculative tokens).
+    Layers 0..n_layers-1 are the trunk blocks, the rest the extra heads' blocks. All layers of a row
+    see the same positions, so one length per row serves them all: `lengths[b]` positions [0, lengths[b])
+    of row b are valid. The model calls `advance` after each forward (every row grows by the T fed
+    tokens); `crop` rolls rows back (rejected speculative tokens), to one length or one per row.
+    While every row holds the same length (`uniform`) new keys go to one slice and attention needs no
+    per-row mask; after a per-row crop (batched speculative decoding) rows are ragged: row b's new
+    keys go to [lengths[b], lengths[b]+T) and a per-row mask hides the stale positions beyond them.
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int,
@@ -33,24 +37,80 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
+        self.lengths = [0] * batch  # python ints: decided on the host anyway, no device sync per read
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def uniform(self) -> bool:
+        return min(self.lengths) == max(self.lengths)
+
+    @property
+    def length(self) -> int:
+        """The one length of a uniform cache."""
+        if not self.uniform:
+            raise ValueError(f"rows hold different lengths {self.lengths}; read cache.lengths")
+        return self.lengths[0]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Absolute positions (B, T) of T tokens fed next: lengths[b] + 0..T-1."""
+        device = self.k.device
+        return torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, hd) at [length, length+T); return all keys/values so far (B, H, length+T, hd)."""
-        end = self.length + k.shape[2]
+        """Store k, v (B, H, T, hd) after each row's cached positions; return keys/values (B, H, S, hd)
+        for S = max(lengths) + T (positions a row has not written are masked by `attn_mask`)."""
+        T = k.shape[2]
+        end = max(self.lengths) + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len} (raise model.max_seq_len)")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        if self.uniform:
+            start = self.lengths[0]
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            pos = self.positions(T)  # (B, T); advanced indices around a slice put (B, T) first
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def advance(self, n: int) -> None:
-        self.length += n
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """Which cached keys the T new queries may see: None (T = 1, uniform: all), (T, S) for a uniform
+        cache, (B, 1, T, S) for a ragged one. Built once per forward and shared by every layer."""
+        key = (T, *self.lengths)
+        if key != self._mask_key:
+            S = max(self.lengths) + T
+            if self.uniform:
+                # query i sits at absolute position S-T+i and may see keys 0..S-T+i
+                self._mask = torch.ones(T, S, dtype=torch.bool, device=self.k.device).tril(S - T) if T > 1 else None
+            else:
+                keys = torch.arange(S, device=self.k.device)
+                self._mask = (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]  # (B, 1, T, S)
+            self._mask_key = key
+        return self._mask
 
-    def crop(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot crop a cache of {self.length} positions to {n}")
-        self.length = n
+    def advance(self, n: int) -> None:
+        self.lengths = [length + n for length in self.lengths]
+
+    def crop(self, n: int | list[int]) -> None:
+        """Roll back to n positions (every row) or to n[b] positions for row b."""
+        new = [n] * len(self.lengths) if isinstance(n, int) else [int(x) for x in n]
+        if len(new) != len(self.lengths) or any(not 0 <= a <= b for a, b in zip(new, self.lengths)):
+            raise ValueError(f"cannot crop a cache of lengths {self.lengths} to {n}")
+        self.lengths = new
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order): finished rows leave a batch (copies the kept rows)."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        self.lengths = [self.lengths[r] for r in rows]
+        self._mask_key = None
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Declare rows' valid lengths after a padded prefill (row b's positions past lengths[b] are
+        padding, hidden from then on and overwritten by its next tokens)."""
+        self.crop(lengths)
 
 
 class Attention(nn.Module):
@@ -72,8 +132,10 @@ class Attention(nn.Module):
         if self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
         else:
-            # Query i sits at absolute position S-T+i and may see keys 0..S-T+i.
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T) if T > 1 else None
+            if cache is not None:
+                mask = cache.attn_mask(T)
+            else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T) if T > 1 else None
             if self.kind == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             else:

@@ -20,9 +20,29 @@ from torch.utils.checkpoint import checkpoint
 from vlm_dist.config import ModelConfig
 from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads
+from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
 
+
+
+def unembed_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """argmax_v (x @ weight.T)[:, v] for x (N, D), weight (V, D): ids (N,), without keeping the logits.
+
+    The kernel depends on N, measured on the 2-core EPYC CPU (1 thread, V = 49,408, D = 128;
+    docs/bench/issue9.md): up to 8 rows, W @ X^T (V, N) with X row-major is the fast layout (1.0 ms for
+    2 rows, 1.3 ms for 4, where x @ W^T costs 2.6 ms for 1 row and 9.3 ms for 3; a one-column W @ x and
+    W @ X^T with X^T made contiguous hit slow kernels, so one row is fed twice); beyond 8 rows the
+    argmax along the (V, N) result's outer dimension costs more than the matmul's layout saves, and
+    x @ W^T (N, V) with a contiguous argmax wins (15 vs 22 ms at 32 rows).
+    """
+    x = x.to(weight.dtype).contiguous()
+    N = x.shape[0]
+    if N > 8:
+        return F.linear(x, weight).argmax(dim=-1)
+    if N == 1:
+        x = x.repeat(2, 1)
+    return (weight @ x.T).argmax(dim=0)[:N]
 
 
 class VLM(nn.Module):
@@ -39,7 +59,7 @@ class VLM(nn.Module):
         )
         self.norm = nn.LayerNorm(D)
         self.extra_heads = ExtraHeads(cfg)
-        self.lm_head = nn.Linear(D, vocab_size, bias=False)
+        self.lm_head = Unembedding(D, vocab_size)  # nn.Linear (V, D) that can also score targets in chunks
         self._init_decoder_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -66,14 +86,19 @@ class VLM(nn.Module):
     def n_image_tokens(self) -> int:
         return self.cfg.n_image_tokens
 
-    def embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """[projected image tokens ; token embeddings] + scaled sinusoidal positions from `offset`: (B, S, D)."""
+    def embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, offset: int = 0,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[projected image tokens ; token embeddings] + scaled sinusoidal positions: (B, S, D). Positions
+        run from `offset`, or are given per row as `positions` (B, S) (a ragged KV cache)."""
         x = self.tok_emb(input_ids)  # (B, T, D)
         if images is not None:
             img = self.projector(self.vision(images.to(self.projector.weight.dtype)))  # (B, P, D)
             x = torch.cat([img, x], dim=1)
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
-        return x + self.cfg.pos_scale * sinusoidal_positions(pos, x.shape[-1]).to(x.dtype)
+        if positions is None:
+            pe = sinusoidal_positions(torch.arange(offset, offset + x.shape[1], device=x.device), x.shape[-1])
+        else:
+            pe = sinusoidal_positions(positions.reshape(-1), x.shape[-1]).view(*positions.shape, -1)
+        return x + self.cfg.pos_scale * pe.to(x.dtype)
 
     def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Causal blocks over x (B, S, D) -> last hidden state (B, S, D), before the final norm."""
@@ -102,29 +127,44 @@ class VLM(nn.Module):
         """
         P = self.n_image_tokens
         h = self.trunk(self.embed(images, input_ids))  # (B, P+T, D)
-        states = [s[:, P:] for s in self.head_states(h)]  # text positions only: (B, T, D) per head
         out: dict[str, torch.Tensor] = {}
         if return_logits or targets is None:
+            states = [s[:, P:] for s in self.head_states(h)]  # text positions only: (B, T, D) per head
             out["logits"] = torch.stack([self.lm_head(s) for s in states], dim=1)  # (B, n_future, T, V)
         if targets is not None:
-            per_sample = torch.stack([self._sample_losses(s, targets[:, k]) for k, s in enumerate(states)], 1)  # (B, n)
-            weights = torch.tensor(self.cfg.head_weights, dtype=per_sample.dtype, device=per_sample.device)
-            head_losses = per_sample.mean(dim=0)  # (n_future,)
-            out["loss"] = (weights * head_losses).sum()
-            out["head_losses"] = head_losses.detach()
-            out["sample_losses"] = per_sample.detach()
+            out.update(self.head_loss(h, targets))
         return out
 
-    def _sample_losses(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean CE over the sample's valid targets (0 where it has none): (B,). The
-        unembedding runs only on valid positions (the costliest matmul at this model size)."""
-        B = target.shape[0]
-        valid = target != IGNORE_INDEX  # (B, T)
-        rows = valid.nonzero(as_tuple=True)[0]  # sample of each valid position
-        logits = self.lm_head(state[valid]).float()  # (N, V)
-        ce = F.cross_entropy(logits, target[valid], reduction="none")  # (N,)
-        per_sample = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
-        return per_sample / valid.sum(dim=1).clamp(min=1)
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads' training loss from the trunk's last hidden state h (B, P+T, D), targets (B, n, T).
+
+        Every head's valid positions go through ONE chunked linear + cross-entropy (model/loss.py): no
+        head's (rows, V) logits are ever whole, and W gets one gradient, not one per head
+        (tools/bench_head_loss.py measures the peak against all heads' logits at once).
+        """
+        P, n, B = self.n_image_tokens, self.cfg.n_future, targets.shape[0]
+        valid = targets != IGNORE_INDEX  # (B, n, T)
+        x = torch.cat([self._head_state(k, h)[:, P:][valid[:, k]] for k in range(n)])  # (N, D), head-major
+        ce = self.lm_head(x, targets.transpose(0, 1)[valid.transpose(0, 1)])  # (N,) fp32, same order
+        # per (sample, head) mean over the sample's valid targets (0 where it has none): (B, n)
+        counts = valid.sum(dim=2)  # (B, n)
+        per_head = ce.split(counts.sum(dim=0).tolist())
+        per_sample = torch.stack([torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(
+            0, valid[:, k].nonzero(as_tuple=True)[0], c) / counts[:, k].clamp(min=1) for k, c in enumerate(per_head)], 1)
+        weights = torch.tensor(self.cfg.head_weights, dtype=per_sample.dtype, device=per_sample.device)
+        head_losses = per_sample.mean(dim=0)  # (n_future,)
+        return {"loss": (weights * head_losses).sum(), "head_losses": head_losses.detach(),
+                "sample_losses": per_sample.detach()}
+
+    def _head_state(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Head k's normalised state (B, S, D) from the trunk's h: the final norm (k = 0), else extra block
+        k-1 (checkpointed like the trunk's) and its norm. Same computation as `head_states`, one head."""
+        if k == 0:
+            return self.norm(h)
+        block, norm = self.extra_heads.blocks[k - 1], self.extra_heads.norms[k - 1]
+        if self.cfg.activation_checkpointing and self.training:
+            return norm(checkpoint(block, h, use_reentrant=False))
+        return norm(block(h))
 
     # --- incremental decoding ----------------------------------------------------------------
 
@@ -150,13 +190,23 @@ class VLM(nn.Module):
     def step_states(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None,
                     next_token_only: bool = False) -> list[torch.Tensor]:
         """`step` before the unembedding: one normalised (B, T, D) state per head, for callers that
-        need the logits of only some heads or positions (speculative decoding)."""
-        if (images is not None) != (cache.length == 0):
+        need the logits of only some heads or positions (speculative decoding). Row b's tokens go after
+        the cache's lengths[b] positions (a ragged cache: each row at its own position)."""
+        if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
             raise ValueError("pass images on the first step (empty cache) and only then")
-        x = self.embed(images, input_ids, offset=cache.length)
+        if cache.uniform:
+            x = self.embed(images, input_ids, offset=cache.lengths[0])
+        else:
+            x = self.embed(None, input_ids, positions=cache.positions(input_ids.shape[1]))
         h = self.trunk(x, cache)
         # the extra heads see image positions too, as in forward
         states = [self.norm(h)] if next_token_only else self.head_states(h, cache)
         cache.advance(x.shape[1])
         T = input_ids.shape[1]
         return [s[:, -T:] for s in states]
+
+    @torch.no_grad()
+    def greedy_ids(self, states: torch.Tensor) -> torch.Tensor:
+        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...),
+        as one matmul for all rows (`unembed_argmax`)."""
+        return unembed_argmax(states.reshape(-1, states.shape[-1]), self.lm_head.weight).view(states.shape[:-1])

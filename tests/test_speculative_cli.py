@@ -1,0 +1,59 @@
+"""`generate --speculative` and `eval --speculative`: same text as greedy, stats reported, sampling refused."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.helpers import make_demo_shards
+from vlm_dist.cli import app
+from vlm_dist.config import load_config
+from vlm_dist.infer.export import save_export
+from vlm_dist.model import VLM
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def export_and_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec_cli")
+    shards = make_demo_shards(root / "data", n_train=4, n_val=4, shard_size=4)
+    torch.manual_seed(0)
+    save_export(VLM(load_config("tiny", ["model.n_future=3"]).model).eval(), root / "export")
+    return root, shards
+
+
+def test_generate_speculative_batch_matches_greedy_and_reports(export_and_shards):
+    root, _ = export_and_shards
+    images = sorted((root / "data" / "images" / "val2017").glob("*.jpg"))[:3]
+    args = ["generate", "--model", str(root / "export"), "--max-new-tokens", "7", "--json"]
+    for im in images:
+        args += ["--image", str(im)]
+    greedy = runner.invoke(app, args)
+    spec = runner.invoke(app, [*args, "--speculative"])
+    assert greedy.exit_code == 0 and spec.exit_code == 0, greedy.output + spec.output
+    texts = lambda out: [json.loads(line)["text"] for line in out.splitlines() if line.startswith("{")]  # noqa: E731
+    assert texts(spec.stdout) == texts(greedy.stdout) and len(texts(greedy.stdout)) == 3
+    assert "tokens per model call" in spec.stderr and "accepted per draft position: 100%" in spec.stderr
+    assert "tokens/s" in spec.stderr
+
+
+def test_speculative_sampling_is_refused(export_and_shards):
+    root, _ = export_and_shards
+    image = next((root / "data" / "images" / "val2017").glob("*.jpg"))
+    res = runner.invoke(app, ["generate", "--model", str(root / "export"), "--image", str(image), "--speculative",
+                              "--temperature", "0.7"])
+    assert res.exit_code == 2 and "drop --temperature" in res.output
+
+
+def test_eval_speculative_reports_stats_and_same_predictions(export_and_shards, tmp_path):
+    root, shards = export_and_shards
+    base = ["eval", "--model", str(root / "export"), "--shards", str(shards / "val"), "--batch-size", "4"]
+    plain = runner.invoke(app, [*base, "--out", str(tmp_path / "a.json")])
+    spec = runner.invoke(app, [*base, "--out", str(tmp_path / "b.json"), "--speculative"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, plain.output + spec.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert [p["prediction"] for p in a["predictions"]] == [p["prediction"] for p in b["predictions"]]
+    s = b["metrics"]["speculative"]
+    assert len(s["accepted_per_position"]) == 3 and s["tokens"] > 0 and "tokens per model call" in spec.output

@@ -1,0 +1,75 @@
+"""A chunked linear + cross-entropy for the vocabulary-sized heads: ce = CE(x @ W^T, y) per row without
+ever holding the (rows, V) logits, and with ONE (V, D) weight gradient for all heads.
+
+    unembed = Unembedding(d_model, vocab_size)           # an nn.Linear: same weight, same state dict
+    logits = unembed(x)                                  # (..., V), as nn.Linear
+    ce = unembed(x, targets)                             # (N,) fp32 cross-entropy of each row of x (N, D)
+
+Forward computes the logits of CHUNK_ELEMENTS // V rows at a time and keeps only each row's logsumexp;
+backward recomputes each chunk's logits, turns them into (softmax - onehot) * grad in place, and
+accumulates dW with addmm_ into one fp32 buffer. Autograd's own version keeps every row's fp32
+log-probabilities for backward and makes one (V, D) gradient per use of W; the model calls this once
+for all heads' rows (tools/bench_head_loss.py measures the peak). The gradient is the same function
+of the inputs (tests/test_heads_loss.py checks 1e-6 in fp32, and under ZeRO-2/3); calling it through
+the module keeps DeepSpeed ZeRO-3's parameter gathering hooks in play.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Logit elements (rows x vocabulary) alive at once: 2^22 fp32 = 16 MiB, about 85 rows of a
+# 49,408-token vocabulary: small next to the (V, D) gradient, large enough for an efficient matmul.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int) -> torch.Tensor:
+        N = x.shape[0]
+        ce = torch.empty(N, dtype=torch.float32, device=x.device)
+        lse = torch.empty(N, dtype=torch.float32, device=x.device)
+        for i in range(0, N, rows):
+            logits = (x[i : i + rows] @ weight.T).float()  # (C, V): the only vocabulary-sized tensor
+            ce[i : i + rows] = F.cross_entropy(logits, y[i : i + rows], reduction="none")  # as unchunked
+            lse[i : i + rows] = logits.logsumexp(dim=-1)
+        ctx.save_for_backward(x, weight, y, lse)
+        ctx.rows = rows
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, y, lse = ctx.saved_tensors
+        rows = ctx.rows
+        want_x, want_w = ctx.needs_input_grad[:2]
+        dx = torch.empty_like(x) if want_x else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for i in range(0, x.shape[0], rows):
+            xc = x[i : i + rows]
+            p = (xc @ weight.T).float().sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
+            p[torch.arange(xc.shape[0], device=p.device), y[i : i + rows]] -= 1.0
+            p.mul_(grad[i : i + rows, None])  # dCE/dlogits for each row, scaled by the incoming gradient
+            if want_x:
+                dx[i : i + rows] = p.to(weight.dtype) @ weight
+            if want_w:
+                dw.addmm_(p.T, xc.float())  # (V, C) @ (C, D), accumulated in place
+        return dx, (dw.to(weight.dtype) if want_w else None), None, None
+
+
+class Unembedding(nn.Linear):
+    """nn.Linear(d_model, vocab, bias=False) that also scores targets: forward(x, targets) -> (N,) CE."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(x, self.weight)
+        rows = max(1, CHUNK_ELEMENTS // self.weight.shape[0])
+        if not torch.is_grad_enabled():  # evaluation: chunked too, nothing saved
+            return torch.cat([F.cross_entropy(F.linear(x[i : i + rows], self.weight).float(), targets[i : i + rows],
+                                              reduction="none") for i in range(0, x.shape[0], rows)]
+                             or [x.new_zeros(0, dtype=torch.float32)])
+        return LinearCrossEntropy.apply(x, self.weight, targets, rows)
