@@ -19,7 +19,7 @@ import time
 import torch
 
 
-# --- the calls into vlm_dist.infer: keep them here (the decoding API is being reworked) ------------
+# --- the calls into vlm_dist.infer: keep them here ------------------------------------------------
 
 def greedy(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> list[list[int]]:
     """Batched KV-cached greedy decoding of B rows: vlm_dist.infer.generate.generate."""
@@ -29,16 +29,12 @@ def greedy(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> l
 
 
 def speculative(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> tuple[list[list[int]], int]:
-    """Self-speculative greedy decoding of B rows -> (ids per row, model calls). speculative_generate
-    takes one row at a time today, so a batch of B is B sequential decodes."""
-    from vlm_dist.infer.speculative import speculative_generate
+    """Batched self-speculative greedy decoding of B rows in one loop -> (ids per row, model calls summed
+    over the rows still decoding, so that tokens / calls is the tokens per call of one row)."""
+    from vlm_dist.infer.speculative import speculative_generate_batch
 
-    out, calls = [], 0
-    for image in images:
-        ids, stats = speculative_generate(model, image, prompt, new_tokens)
-        out.append(ids)
-        calls += stats["calls"]
-    return out, calls
+    ids, stats = speculative_generate_batch(model, images, [prompt] * images.shape[0], new_tokens)
+    return ids, stats["row_calls"]
 
 
 # --- measurement ---------------------------------------------------------------------------------
