@@ -118,6 +118,7 @@ def setup(cfg: RunConfig, opts: RunOptions) -> Run:
              f"{ds.get('zero_optimization', {}).get('stage', 0)}; global batch {global_batch} = {micro} micro x "
              f"{accum} accumulation x {info.world_size} ranks; {total} steps ({how})")
     log.info(f"train data: {train_loader.describe()}")
+    log.info(ds["_precision"])  # what bf16.enabled="auto" resolved to, and why
     if note:
         log.info(note)
     if where is not None:
