@@ -12,6 +12,7 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/demo_zero2.json}  # bf16 "auto": bf16 where th
 # One pass over distinct images: the demo preset trains 1 epoch = N_TRAIN / 32 steps (global batch 32).
 N_TRAIN=${N_TRAIN:-32000}
 N_VAL=${N_VAL:-200}
+MASTER_PORT=${MASTER_PORT:-29500}       # set another where several runs share a machine
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
 else
@@ -22,7 +23,7 @@ export HF_HUB_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 
 mkdir -p "$RUN"
-: > "$RUN/timings.txt"
+: >> "$RUN/timings.txt"
 phase() {  # phase NAME COMMAND...: run it and record its wall time
   local name=$1 t0
   shift
@@ -36,7 +37,7 @@ if [ ! -f "$DATA/shards/val/manifest.json" ]; then
   phase data vlm-dist demo-data --out "$DATA" --train "$N_TRAIN" --val "$N_VAL" --shard
 fi
 
-phase train deepspeed --num_gpus "$NPROC" --module vlm_dist.train --config demo --ds "$DS_CONFIG" \
+phase train deepspeed --master_port "$MASTER_PORT" --num_gpus "$NPROC" --module vlm_dist.train --config demo --ds "$DS_CONFIG" \
   --train-shards "$DATA/shards/train" --val-shards "$DATA/shards/val" --run-dir "$RUN" --resume auto "$@"
 
 phase export vlm-dist export --ckpt "$RUN/checkpoints" --tag best --out "$RUN/export"

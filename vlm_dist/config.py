@@ -60,7 +60,7 @@ class VisionConfig(Section):
         "ViT-B-32",
         description="open_clip model whose vision tower encodes the image (any square ViT in "
         "open_clip.list_models(); this package adds 'vlm-tiny-vit' (tests: 32 px, patch 8, width 32, one block) "
-        "and 'vlm-demo-vit' (the CPU demo: 32 px, patch 4, width 64, two blocks).",
+        "and 'vlm-demo-vit' (the CPU demo: 64 px, patch 8, width 64, two blocks).",
     )
     pretrained: str | None = Field(
         None,
@@ -210,10 +210,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log": {"log_every": 1, "grad_stats_every": 2, "histograms_every": 4},
     },
     # The CPU demo: learns the synthetic shapes task on 2 cores. No pretrained vision weights exist
-    # offline, so a small tower is trained from scratch: 32 px, patch 4 (64 image tokens), width 64, two
-    # blocks. The earlier patch-8 tower (16 tokens) put every shape across the corner of four patches
-    # and never learned the kind of shape (chance level on train and val alike after 500 steps); see
-    # docs/bench/issue10.md. max_steps over distinct images (tools/run_demo.sh writes 32000 = one pass).
+    # offline, so a small tower is trained from scratch on the images at their own 64 px: patch 8 (64
+    # image tokens), width 64, two blocks. The earlier 32 px tower could not tell a small square from a
+    # small circle (they differed by under 2 px there; docs/bench/issue10.md). max_steps over distinct
+    # images: tools/run_demo.sh writes 32000 (one pass at global batch 32).
     "demo": {
         "model": {
             "vision": {"model_name": "vlm-demo-vit", "freeze": False},
