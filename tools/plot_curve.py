@@ -64,7 +64,7 @@ def plot(metrics: dict[str, list[dict]], out: Path, title: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right" if ax is not axes[2] else "upper right")
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

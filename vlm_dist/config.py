@@ -59,8 +59,7 @@ class VisionConfig(Section):
     model_name: str = Field(
         "ViT-B-32",
         description="open_clip model whose vision tower encodes the image (any square ViT in "
-        "open_clip.list_models(); this package adds 'vlm-tiny-vit' (tests: 32 px, patch 8, width 32, one block) "
-        "and 'vlm-demo-vit' (the CPU demo: 64 px, patch 8, width 64, two blocks).",
+        "open_clip.list_models(); 'vlm-tiny-vit' is this package's small tower: 32 px, patch 8, width 32, one block).",
     )
     pretrained: str | None = Field(
         None,
@@ -209,20 +208,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"eval_every": 5, "save_every": 5},
         "log": {"log_every": 1, "grad_stats_every": 2, "histograms_every": 4},
     },
-    # The CPU demo: learns the synthetic shapes task on 2 cores. No pretrained vision weights exist
-    # offline, so a small tower is trained from scratch on the images at their own 64 px: patch 8 (64
-    # image tokens), width 64, two blocks. The earlier 32 px tower could not tell a small square from a
-    # small circle (they differed by under 2 px there; docs/bench/issue10.md). max_steps over distinct
-    # images: tools/run_demo.sh writes 32000 (one pass at global batch 32).
+    # The CPU demo: the synthetic shapes task on 2 cores. No pretrained vision weights exist offline, so
+    # a small tower is trained from scratch (32 px, patch 8, 16 image tokens). It learns count, colour
+    # and size but not yet circle vs square; wider / deeper towers, patch 4, the images' own 64 px and
+    # 16x more distinct images did not change that within 1000 steps (docs/bench/issue10.md).
     "demo": {
         "model": {
-            "vision": {"model_name": "vlm-demo-vit", "freeze": False},
-            "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 88, "n_future": 3,
+            "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
+            "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "n_future": 3,
             "activation_checkpointing": False,
         },
-        "data": {"max_text_len": 24, "shuffle_buffer": 512},
-        "train": {"max_steps": 1000, "eval_every": 200, "save_every": 200, "generate_every": 100,
-                  "generate_images": 32},
+        "data": {"max_text_len": 32, "shuffle_buffer": 512},
+        "train": {"epochs": 16, "eval_every": 200, "save_every": 200, "generate_every": 200, "generate_images": 32},
         "log": {"log_every": 10, "grad_stats_every": 50, "histograms_every": 200},
     },
     # The product model: OpenCLIP ViT-B-32 (frozen, OpenAI weights) + 24 blocks x 8 heads x 768.
