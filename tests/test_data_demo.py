@@ -43,11 +43,11 @@ def measure(img: np.ndarray, x0: int, x1: int) -> dict:
     ys, xs = np.nonzero(mask)
     h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
     fill = mask.sum() / (h * w)  # square ~1, circle ~pi/4, triangle ~1/2
-    kind = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    kind = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"  # fill of the bounding box
     mean = region[mask].mean(axis=0)
     colour = min(COLOURS, key=lambda c: np.abs(mean - COLOURS[c]).sum())
     side = img.shape[1]
-    half = max(h, w) / 2 / (0.85 if kind == "square" else 1.0) / side  # back to the generator's half-width
+    half = max(h, w) / 2 / side  # the generator's half-width (a square fills the circle's bounding box)
     cx = (x0 + xs.mean()) / side
     return {"kind": kind, "colour": colour, "size": "small" if half < 0.165 else "large",
             "position": min(X_OF, key=lambda p: abs(X_OF[p] - cx))}

@@ -1,6 +1,9 @@
-"""Evaluation: scoring is consistent with exact match, the CLI writes COCO results, bad paths fail clearly."""
+"""Evaluation: scoring is consistent with exact match, the CLI writes COCO results that pycocotools loads,
+per question type; too-long questions are counted, missing image ids and bad paths fail clearly."""
 
+import io
 import json
+import tarfile
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from typer.testing import CliRunner
 from tests.helpers import make_demo_shards
 from vlm_dist.cli import app
 from vlm_dist.config import load_config
-from vlm_dist.infer.evaluate import coco_caption_scores, normalise
+from vlm_dist.data.demo import make_demo_data
+from vlm_dist.data.shard import shard_coco
+from vlm_dist.infer.evaluate import evaluate_generation, normalise
 from vlm_dist.infer.export import save_export
 from vlm_dist.model import VLM
 
@@ -18,14 +23,6 @@ runner = CliRunner()
 
 def test_normalise_ignores_case_punctuation_and_spacing():
     assert normalise(" A small red circle .") == normalise("a small  red circle") == "a small red circle"
-
-
-def test_caption_scores_agree_with_exact_match():
-    refs = {1: ["a small red circle on the left"], 2: ["a large blue square on the right"]}
-    perfect = coco_caption_scores({1: "a small red circle on the left", 2: "A large blue square on the right."}, refs)
-    assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and perfect["ROUGE-L"] == pytest.approx(1.0)
-    wrong = coco_caption_scores({1: "a large green triangle on the right", 2: "a small yellow circle in the center"}, refs)
-    assert wrong["BLEU-4"] < 0.1 and wrong["CIDEr"] < perfect["CIDEr"] and wrong["ROUGE-L"] < perfect["ROUGE-L"]
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +38,64 @@ def test_eval_cli_writes_metrics_and_coco_results(export_and_shards):
     root, shards = export_and_shards
     out = root / "eval.json"
     result = runner.invoke(app, ["eval", "--model", str(root / "export"), "--shards", str(shards / "val"),
-                                 "--out", str(out), "--batch-size", "4"])
+                                 "--out", str(out), "--batch-size", "4", "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     m = data["metrics"]
     assert m["images"] == 6 and m["captions"] == 6 and m["questions"] == len(data["predictions"]) - 6
     hits = sum(normalise(p["prediction"]) in map(normalise, p["refs"]) for p in data["predictions"] if p["question"] is None)
     assert m["caption_exact_match"] == hits / 6  # the reported figure is the predictions' own
-    coco = json.loads((root / "eval_captions.json").read_text())
-    assert len(coco) == 6 and set(coco[0]) == {"image_id", "caption"}
-    assert "Q&A accuracy" in result.output and "CIDEr" in result.output
+    qas = [p for p in data["predictions"] if p["question"] is not None]
+    assert len(qas[0]["answers"]) == 10  # all ten annotator answers reach the scorer (VQA accuracy)
+    assert m["qa_vqa_accuracy"] == pytest.approx(sum(p["vqa_accuracy"] for p in qas) / len(qas))
+    assert set(m["by_type"]) == {"how many", "what shape", "what colour", "what size"}
+    assert sum(e["questions"] for e in m["by_type"].values()) == m["questions"]
+    from vlm_dist.text import get_tokenizer
+
+    assert all(len(get_tokenizer().encode(p["prediction"])) <= 5 for p in data["predictions"])  # --max-new-tokens
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(root / "eval_captions_ref.json")).loadRes(str(root / "eval_captions.json"))
+    assert len(coco.getImgIds()) == 6 and set(coco.anns[1]) >= {"image_id", "caption"}
+    assert "VQA accuracy" in result.output and "CIDEr" in result.output and "'what shape'" in result.output
+
+
+def test_too_long_question_is_counted_not_a_crash(tmp_path):
+    paths = make_demo_data(tmp_path / "d", n_train=1, n_val=3, side=32)["val"]
+    qs = json.loads(paths["vqa_questions"].read_text())
+    qs["questions"][0]["question"] = "what colour is " + "the very large shape on the left of the picture " * 4 + "?"
+    paths["vqa_questions"].write_text(json.dumps(qs))
+    shard_coco(paths["images"], [paths["captions"]], tmp_path / "shards", vqa_questions=paths["vqa_questions"],
+               vqa_annotations=paths["vqa_annotations"], split="val", progress=False)
+    torch.manual_seed(0)
+    model = VLM(load_config("tiny").model).eval()  # 48 positions - 16 image tokens: the prompt cannot fit
+    result = evaluate_generation(model, str(tmp_path / "shards"), progress=False, java=False)
+    m, preds = result["metrics"], result["predictions"]
+    assert m["questions_too_long"] == 1 and m["questions"] == len(preds) - 3
+    long = [p for p in preds if p.get("too_long")]
+    assert len(long) == 1 and long[0]["prediction"] == "" and long[0]["exact_match"] == 0.0
+    assert sum(not p["too_long"] for p in preds) == len(preds) - 1  # every other caption and question was decoded
+
+
+def test_sample_without_image_id_is_an_error(export_and_shards, tmp_path):
+    root, shards = export_and_shards
+    src = sorted((shards / "val").glob("*.tar"))[0]
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "manifest.json").write_bytes((shards / "val" / "manifest.json").read_bytes())
+    for other in sorted((shards / "val").glob("*.tar"))[1:]:
+        (tmp_path / "val" / other.name).write_bytes(other.read_bytes())
+    with tarfile.open(src) as tin, tarfile.open(tmp_path / "val" / src.name, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            if member.name.endswith(".json"):
+                meta = json.loads(data)
+                meta.pop("image_id")
+                data = json.dumps(meta).encode()
+            member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    res = runner.invoke(app, ["eval", "--model", str(root / "export"), "--shards", str(tmp_path / "val"),
+                              "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "no integer image_id" in res.output
 
 
 def test_eval_and_generate_errors_name_the_problem(export_and_shards, tmp_path):

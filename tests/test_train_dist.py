@@ -108,6 +108,7 @@ def test_bf16_runs_and_learns(tmp_path):
     args = ["--config", "tiny", "--ds", "ds_configs/zero2.json", "--train-shards", str(shards / "train"),
             "--run-dir", str(tmp_path / "run"), "--max-steps", "24", "--ds-set", "train_micro_batch_size_per_gpu=8",
             "--ds-set", "optimizer.params.lr=0.003", "--ds-set", "scheduler.params.warmup_num_steps=2",
+            "--ds-set", "bf16.enabled=true",  # explicit: "auto" would pick fp32 on CPUs without native bf16
             "--save-every", "100"]
     run_ranks(args, 2)
     cfg = json.loads((tmp_path / "run" / "ds_config.json").read_text())

@@ -346,18 +346,22 @@ def eval_cmd(
     shards: str = typer.Option(..., "--shards", help="Validation shards: a shard-coco folder or a brace pattern."),
     out: Path = typer.Option(..., "--out", help="JSON file for metrics + predictions (captions also in COCO results format beside it)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images decoded per batch."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Captions / questions decoded per batch."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest generated caption or answer "
+                                       "(less where the prompt leaves less room in model.max_seq_len)."),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
 ) -> None:
-    """Caption every image and answer every question; report exact match, Q&A accuracy, caption metrics."""
+    """Caption every image and answer every question; report exact match, VQA accuracy per question type,
+    and COCO caption metrics (pycocoevalcap's official pipeline when Java is installed)."""
     from vlm_dist.data.manifest import ShardSpecError
-    from vlm_dist.infer.evaluate import evaluate_generation, format_metrics, write_results
+    from vlm_dist.infer.evaluate import EvalDataError, evaluate_generation, format_metrics, write_results
     from vlm_dist.infer.load import ExportError, load_exported
 
     try:
         model, _ = load_exported(model_dir)
-        result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, speculative=speculative)
-    except (ExportError, ShardSpecError) as err:
+        result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     speculative=speculative)
+    except (ExportError, ShardSpecError, EvalDataError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     write_results(result, out)

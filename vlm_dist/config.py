@@ -294,11 +294,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"eval_every": 5, "save_every": 5},
         "log": {"log_every": 1, "grad_stats_every": 2, "histograms_every": 4},
     },
-    # The CPU demo: learns the synthetic shapes task on 2 cores. No pretrained vision weights exist
-    # offline, so a small tower is trained from scratch; on this task the 32 px / patch-8 tower
-    # learned as well as 64 px towers with 4x the image tokens (0.81-0.82 val token accuracy after
-    # 300-400 steps for each), at a fraction of the step time. n_future 4 (as base): after 600 steps its
-    # heads' drafts are accepted at 3.2 tokens per speculative call (docs/bench/issue9.md).
+    # The CPU demo: the synthetic shapes task on 2 cores. No pretrained vision weights exist offline, so
+    # a small tower is trained from scratch (32 px, patch 8, 16 image tokens). It learns count, colour
+    # and size but not yet circle vs square; wider / deeper towers, patch 4, the images' own 64 px and
+    # 16x more distinct images did not change that within 1000 steps (docs/bench/issue10.md).
+    # n_future 4 (as base): after 600 steps its heads' drafts are accepted at 3.2 tokens per
+    # speculative call (docs/bench/issue9.md).
     "demo": {
         "model": {
             "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
@@ -306,7 +307,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "activation_checkpointing": False,
         },
         "data": {"max_text_len": 32, "shuffle_buffer": 512},
-        "train": {"epochs": 16, "eval_every": 200, "save_every": 200},
+        "train": {"epochs": 16, "eval_every": 200, "save_every": 200, "generate_every": 200, "generate_images": 32},
         "log": {"log_every": 10, "grad_stats_every": 50, "histograms_every": 200},
     },
     # The product model: OpenCLIP ViT-B-32 (frozen, OpenAI weights) + 24 blocks x 8 heads x 768.

@@ -39,7 +39,7 @@ class ImageRecord:
     image_id: int
     file_names: list[str] = field(default_factory=list)  # as given by the annotation files, first = preferred
     captions: list[dict] = field(default_factory=list)  # {"caption", "source", "ann_id"}
-    qa: list[dict] = field(default_factory=list)  # {"question_id", "question", "answer", "answers", "source"}
+    qa: list[dict] = field(default_factory=list)  # {"question_id", "question", "answer", "answers", ["question_type", "answer_type",] "source"}
     sources: list[str] = field(default_factory=list)
 
     def units(self) -> int:
@@ -234,9 +234,11 @@ def read_vqa(questions: Path, annotations: Path, col: Collection, find_image) ->
                 col.reject("qa", "unknown_image_id", qsrc, f"image_id {iid!r} is in no caption file and no image "
                            f"file with that id was found", **ids)
                 continue
-        all_answers = sorted({a.get("answer") for a in ann.get("answers") or [] if isinstance(a, dict) and a.get("answer")})
+        # Every annotator's answer, repeats kept (VQA accuracy counts them), plus the question/answer types.
+        all_answers = [a["answer"] for a in ann.get("answers") or [] if isinstance(a, dict) and isinstance(a.get("answer"), str)]
+        types = {k: ann[k] for k in ("question_type", "answer_type") if isinstance(ann.get(k), str)}
         col.image(iid, name, qsrc).qa.append(
-            {"question_id": qid, "question": text, "answer": answer, "answers": all_answers, "source": qsrc})
+            {"question_id": qid, "question": text, "answer": answer, "answers": all_answers, **types, "source": qsrc})
     for qid in [q for q in answers if q not in seen]:  # answers to no question: a unit each, rejected
         col.units_in["qa"] += 1
         col.reject("qa", "unknown_question_id", asrc, f"question_id {qid} is not in the questions file", question_id=qid)

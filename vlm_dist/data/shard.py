@@ -111,7 +111,8 @@ def _write_shard(task: dict) -> dict:
             meta = {
                 "key": key, "image_id": rec.image_id, "file_name": item["file"],
                 "captions": [c["caption"] for c in rec.captions],
-                "qa": [{k: q[k] for k in ("question_id", "question", "answer", "answers")} for q in rec.qa],
+                "qa": [{k: q[k] for k in ("question_id", "question", "answer", "answers", "question_type", "answer_type") if k in q}
+                       for q in rec.qa],
                 "width": img.width, "height": img.height,
                 "original_width": img.original_width, "original_height": img.original_height,
                 "sha256": hashlib.sha256(img.data).hexdigest(), "source_sha256": hashlib.sha256(raw).hexdigest(),

@@ -1,7 +1,10 @@
 """What the model learned: generate a caption for every validation image and an answer for every
-question, and score them (exact match, Q&A accuracy; BLEU/ROUGE-L/CIDEr with pycocoevalcap, METEOR where Java exists).
+question, and score them with the field's metrics (vlm_dist/infer/metrics.py): caption exact match and
+COCO caption scores (pycocoevalcap's own pipeline where Java exists), Q&A exact match and the official
+VQA v2 accuracy, overall and per question type.
 
-    vlm-dist eval --model exports/demo --shards data/demo/shards/val --out runs/demo/eval.json
+    vlm-dist eval --model runs/demo/export --shards data/demo/shards/val --out runs/demo/eval.json \\
+        --batch-size 32 --max-new-tokens 24
 
 Validation shards are read directly (every caption and every question of every image, not the
 training loader's one-per-image choice); like the loader, only .jpg/.json/.txt members are read.
@@ -11,18 +14,22 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from vlm_dist.infer.metrics import caption_scores, scores_note, vqa_accuracy, write_caption_files
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
+class EvalDataError(ValueError):
+    """The evaluation shards lack something scoring needs; the message names the sample and the fix."""
+
+
 def normalise(text: str) -> str:
-    """Lower case, punctuation dropped, single spaces: 'A red circle .' == 'a red circle'."""
+    """Exact-match normalisation: lower case, punctuation dropped, single spaces ('A red circle .' == 'a red circle')."""
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
 
@@ -42,114 +49,174 @@ def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[
             n += 1
 
 
+def question_type(qa: dict) -> str:
+    """The VQA question type stored with the question (VQA v2's `question_type`), else its first two words."""
+    return qa.get("question_type") or " ".join(qa["question"].lower().split()[:2])
+
+
 def _tasks(shards: str, limit: int | None) -> list[dict]:
     tasks = []
     for key, jpg, meta in iter_shard_samples(shards, limit):
-        image_id = int(meta.get("image_id", -1))
+        image_id = meta.get("image_id")
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise EvalDataError(f"sample {key!r} in {shards} has no integer image_id ({image_id!r}); COCO scoring "
+                                f"needs one per image: write the shards with `vlm-dist shard-coco`")
         if meta.get("captions"):
             tasks.append({"key": key, "jpg": jpg, "image_id": image_id, "question": None, "refs": meta["captions"]})
         for qa in meta.get("qa") or []:
             tasks.append({"key": key, "jpg": jpg, "image_id": image_id, "question": qa["question"],
-                          "refs": [qa["answer"]]})
+                          "refs": [qa["answer"]], "answers": list(qa.get("answers") or []), "type": question_type(qa)})
     if not tasks:
-        raise ValueError(f"no captions or questions found in {shards}")
+        raise EvalDataError(f"no captions or questions found in {shards}")
     return tasks
 
 
-def coco_caption_scores(predictions: dict[int, str], references: dict[int, list[str]],
-                        meteor: bool = True) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and CIDEr with pycocoevalcap; METEOR too where Java is installed (its jar
-    ships with pycocoevalcap). SPICE is never run: it downloads Stanford CoreNLP models on first use."""
-    import shutil
-
-    try:
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.rouge.rouge import Rouge
-    except ImportError:
-        return {}
-    # pycocoevalcap's PTB tokenizer is a Java program too; normalise() is the (Java-free) tokenisation.
-    res = {i: [normalise(c)] for i, c in predictions.items()}
-    gts = {i: [normalise(r) for r in references[i]] for i in predictions}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    if meteor and shutil.which("java"):
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
-    return scores
+def _batches(tasks: list[dict], budgets: list[int], batch_size: int) -> Iterator[tuple[list[dict], int]]:
+    """Batches of tasks sharing one token budget (a long question must not shorten the captions)."""
+    order = sorted(range(len(tasks)), key=lambda i: budgets[i])  # stable: shard order within a budget
+    i = 0
+    while i < len(order):
+        budget = budgets[order[i]]
+        j = i
+        while j < len(order) and j - i < batch_size and budgets[order[j]] == budget:
+            j += 1
+        yield [tasks[k] for k in order[i:j]], budget
+        i = j
 
 
 @torch.no_grad()
 def evaluate_generation(model, shards: str, limit: int | None = None, batch_size: int = 32,
                         max_new_tokens: int = 24, progress: bool = True, meteor: bool = True,
-                        speculative: bool = False) -> dict:
-    """Greedy captions and answers for the shards; returns metrics and per-task predictions.
-    speculative=True decodes with the multi-token heads drafting (same output) and adds its stats."""
+                        java: bool | None = None, speculative: bool = False) -> dict:
+    """Greedy captions and answers for the shards; returns {"metrics", "predictions"}.
+    speculative=True decodes with the multi-token heads drafting (same output) and adds its stats.
+
+    A question whose prompt leaves no room for an answer in model.max_seq_len is not generated: it
+    is counted in `questions_too_long` and scored as wrong. java=None: official caption pipeline when
+    Java is installed (see metrics.caption_scores); meteor=False skips METEOR (in-training evals).
+    """
     from tqdm import tqdm
 
     from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.generate import fit_max_new_tokens, generate
+    from vlm_dist.infer.generate import generate
 
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
     tok = get_tokenizer()
     to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
     tasks = _tasks(shards, limit)
-    longest = max(len(prompt_tokens(tok, t["question"])) for t in tasks)  # every batch's prompts fit
-    max_new, note = fit_max_new_tokens(model.cfg, longest, max_new_tokens, speculative)
-    if note and progress:
-        print(note, file=sys.stderr)
+    # text positions: prompt + generated tokens (+ the n_future draft positions of a speculative call)
+    room = model.cfg.max_seq_len - model.n_image_tokens - (model.cfg.n_future if speculative else 0)
+    prompts = [prompt_tokens(tok, t["question"]) for t in tasks]
+    budgets = [min(max_new_tokens, room - len(p)) for p in prompts]
+    for t, p, b in zip(tasks, prompts, budgets):
+        t["prompt"], t["prediction"], t["too_long"] = p, "", b < 1
+    todo = [(t, b) for t, b in zip(tasks, budgets) if b >= 1]
     t0, n_tokens, spec = time.perf_counter(), 0, []
-    for i in tqdm(range(0, len(tasks), batch_size), desc="eval", unit="batch", disable=not progress):
-        chunk = tasks[i : i + batch_size]
+    batches = list(_batches([t for t, _ in todo], [b for _, b in todo], batch_size))
+    for chunk, budget in tqdm(batches, desc="eval", unit="batch", disable=not progress):
         images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
-        prompts = [prompt_tokens(tok, t["question"]) for t in chunk]
         if speculative:
             from vlm_dist.infer.speculative import speculative_generate_batch
 
-            outs, stats = speculative_generate_batch(model, images, prompts, max_new_tokens=max_new)
+            outs, stats = speculative_generate_batch(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget)
             spec.append(stats)
         else:
-            outs = generate(model, images, prompts, max_new_tokens=max_new)
+            outs = generate(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget)
         for t, ids in zip(chunk, outs):
             t["prediction"] = tok.decode(ids)
             n_tokens += len(ids) + 1  # + the end token (or the cut)
     seconds = time.perf_counter() - t0
-    caps = [t for t in tasks if t["question"] is None]
-    qas = [t for t in tasks if t["question"] is not None]
-    hit = lambda t: normalise(t["prediction"]) in {normalise(r) for r in t["refs"]}  # noqa: E731
-    metrics = {"images": len({t["key"] for t in tasks}), "captions": len(caps), "questions": len(qas),
-               "caption_exact_match": sum(map(hit, caps)) / max(len(caps), 1),
-               "qa_accuracy": sum(map(hit, qas)) / max(len(qas), 1),
-               "decode_tokens_per_s": n_tokens / seconds}
+    metrics = score(tasks, meteor=meteor, java=java)
+    metrics["decode_tokens_per_s"] = n_tokens / max(seconds, 1e-9)
     if spec:
         from vlm_dist.infer.speculative import merge_stats
 
         metrics["speculative"] = merge_stats(spec)
-    if caps:
-        metrics.update(coco_caption_scores({t["image_id"]: t["prediction"] for t in caps},
-                                           {t["image_id"]: t["refs"] for t in caps}, meteor))
-    predictions = [{k: t[k] for k in ("image_id", "question", "prediction", "refs")} for t in tasks]
+    keep = ("image_id", "question", "type", "prediction", "refs", "answers", "exact_match", "vqa_accuracy", "too_long")
+    predictions = [{k: t[k] for k in keep if k in t} for t in tasks]
     return {"metrics": metrics, "predictions": predictions}
 
 
-def write_results(result: dict, out: str | Path) -> None:
-    """metrics + predictions to OUT; captions in COCO results format to OUT's *_captions.json sibling."""
+def score(tasks: list[dict], meteor: bool = True, java: bool | None = None) -> dict:
+    """Metrics of tasks that carry a "prediction": exact match, VQA accuracy per question type, caption scores."""
+    caps = [t for t in tasks if t["question"] is None]
+    qas = [t for t in tasks if t["question"] is not None]
+    for t in tasks:
+        t["exact_match"] = float(not t.get("too_long") and normalise(t["prediction"]) in {normalise(r) for r in t["refs"]})
+    for t in qas:
+        answers = t["answers"] if len(t["answers"]) >= 2 else None  # VQA accuracy needs the annotators' answers
+        t["vqa_accuracy"] = None if answers is None else 0.0 if t["too_long"] else vqa_accuracy(t["prediction"], answers)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    m: dict = {"images": len({t["key"] for t in tasks}), "captions": len(caps), "questions": len(qas),
+               "questions_too_long": sum(t["too_long"] for t in qas),
+               "caption_exact_match": mean([t["exact_match"] for t in caps]),
+               "qa_accuracy": mean([t["exact_match"] for t in qas])}
+    scored = [t["vqa_accuracy"] for t in qas if t["vqa_accuracy"] is not None]
+    if scored:
+        m["qa_vqa_accuracy"] = mean(scored)
+        m["questions_without_annotator_answers"] = len(qas) - len(scored)
+    by_type: dict[str, dict] = {}
+    for t in qas:
+        by_type.setdefault(t["type"], {"questions": 0, "exact": [], "vqa": []})
+        entry = by_type[t["type"]]
+        entry["questions"] += 1
+        entry["exact"].append(t["exact_match"])
+        if t["vqa_accuracy"] is not None:
+            entry["vqa"].append(t["vqa_accuracy"])
+    m["by_type"] = {}
+    for name, entry in sorted(by_type.items()):
+        slug = re.sub(r"\W+", "_", name).strip("_")
+        m[f"qa_accuracy_{slug}"] = mean(entry["exact"])
+        m["by_type"][name] = {"questions": entry["questions"], "exact_match": mean(entry["exact"])}
+        if entry["vqa"]:
+            m[f"qa_vqa_accuracy_{slug}"] = m["by_type"][name]["vqa_accuracy"] = mean(entry["vqa"])
+    if caps:
+        scores = caption_scores(*caption_dicts(caps), java=java, meteor=meteor)
+        m["caption_tokenizer"] = scores.pop("tokenizer")
+        m.update(scores)
+    return m
+
+
+def caption_dicts(caps: list[dict]) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """({image_id: predicted caption}, {image_id: references}); one caption task per image."""
+    preds, refs = {}, {}
+    for t in caps:
+        if t["image_id"] in preds:
+            raise EvalDataError(f"image_id {t['image_id']} appears twice in the shards; COCO scoring needs one "
+                                f"prediction per image (reshard so that each image is one sample)")
+        preds[t["image_id"]], refs[t["image_id"]] = t["prediction"], t["refs"]
+    return preds, refs
+
+
+def write_results(result: dict, out: str | Path) -> dict[str, Path]:
+    """metrics + predictions to OUT; the captions in COCO results format to OUT_captions.json and their
+    references as a COCO captions file to OUT_captions_ref.json: COCO(ref).loadRes(results) loads them."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    coco = [{"image_id": p["image_id"], "caption": p["prediction"]} for p in result["predictions"] if p["question"] is None]
-    out.with_name(out.stem + "_captions.json").write_text(json.dumps(coco))
+    paths = {"results": out.with_name(out.stem + "_captions.json"), "references": out.with_name(out.stem + "_captions_ref.json")}
+    caps = [p for p in result["predictions"] if p["question"] is None]
+    if caps:
+        write_caption_files(*caption_dicts(caps), paths["results"], paths["references"])
+    return paths
 
 
 def format_metrics(m: dict) -> str:
-    lines = [f"{m['images']} images: caption exact match {m['caption_exact_match']:.1%} ({m['captions']} captions), "
-             f"Q&A accuracy {m['qa_accuracy']:.1%} ({m['questions']} questions)"]
+    lines = [f"{m['images']} images: caption exact match {m['caption_exact_match']:.1%} ({m['captions']} captions); "
+             f"Q&A exact match {m['qa_accuracy']:.1%}" + (f", VQA accuracy {m['qa_vqa_accuracy']:.1%}" if "qa_vqa_accuracy" in m
+                                                          else "") + f" ({m['questions']} questions)"]
+    for name, e in m.get("by_type", {}).items():
+        vqa = f", VQA accuracy {e['vqa_accuracy']:.1%}" if "vqa_accuracy" in e else ""
+        lines.append(f"  {name!r:16} {e['questions']:5d} questions: exact match {e['exact_match']:.1%}{vqa}")
+    if m.get("questions_too_long"):
+        lines.append(f"{m['questions_too_long']} question(s) too long for model.max_seq_len: not generated, scored as wrong")
+    if m.get("questions_without_annotator_answers"):
+        lines.append(f"{m['questions_without_annotator_answers']} question(s) without annotator answers: no VQA accuracy")
     scores = [f"{k} {m[k]:.3f}" for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in m]
     if scores:
-        not_run = "SPICE" if "METEOR" in m else "METEOR (no Java) and SPICE"
-        lines.append(f"caption metrics (pycocoevalcap; {not_run} not run): " + ", ".join(scores))
+        lines.append("caption metrics: " + ", ".join(scores))
+        lines.append("  (" + scores_note({"tokenizer": m.get("caption_tokenizer"), **({"METEOR": 1} if "METEOR" in m else {})}) + ")")
     lines.append(f"{'speculative' if 'speculative' in m else 'greedy'} decoding: {m['decode_tokens_per_s']:.0f} tokens/s")
     if "speculative" in m:
         from vlm_dist.infer.speculative import format_stats

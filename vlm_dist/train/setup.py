@@ -188,6 +188,7 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     log.info(f"world size {info.world_size} on {info.device}, {precision(ds)}, ZeRO stage {stage}; global batch "
              f"{global_batch} = {micro} micro x {accum} accumulation x {info.world_size} ranks; {total} steps ({how})")
     log.info(f"train data: {train_loader.describe()}")
+    log.info(ds["_precision"])  # what bf16.enabled="auto" resolved to, and why
     if note:
         log.info(note)
     if where is not None:
