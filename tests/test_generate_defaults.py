@@ -79,11 +79,9 @@ def test_clamp_is_the_context_room():
     tiny = load_config("tiny").model  # 48 positions, 16 image tokens, 2 heads
     assert fit_max_new_tokens(tiny, 1, 32) == (31, "note: max new tokens 32 lowered to 31: the model's context "
                                                     "(max_seq_len=48) holds 16 image tokens + a 1-token prompt + 31 new tokens")
-    assert fit_max_new_tokens(tiny, 1, 32, speculative=True)[0] == 29
     assert fit_max_new_tokens(tiny, 1, 8) == (8, None)
     base = load_config("base").model  # 128 positions, 49 image tokens: the default fits as it is
     assert fit_max_new_tokens(base, 1, DEFAULT) == (DEFAULT, None)
-    assert fit_max_new_tokens(base, 1, DEFAULT, speculative=True) == (DEFAULT, None)
     assert fit_max_new_tokens(base, 20, 100)[0] == 128 - 49 - 20
     with pytest.raises(ValueError, match="no room to generate"):
         fit_max_new_tokens(tiny, 32, 4)

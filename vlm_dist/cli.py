@@ -84,7 +84,7 @@ def config_fields() -> None:
 
 def trainer_argv(*, config: str, overrides: list[str], ds: str, ds_overrides: list[str], run_dir: str,
                  train_shards: str | None, val_shards: str | None, max_steps: int | None, eval_every: int | None,
-                 save_every: int | None, resume: str, stop_after: int | None) -> list[str]:
+                 save_every: int | None, resume: str, stop_after: int | None, elastic: bool = False) -> list[str]:
     """The `python -m vlm_dist.train` arguments for the `vlm-dist train` options (one flag each)."""
     argv = ["--config", config, "--ds", ds, "--run-dir", run_dir, "--resume", resume]
     argv += [a for o in overrides for a in ("--set", o)] + [a for o in ds_overrides for a in ("--ds-set", o)]
@@ -92,7 +92,7 @@ def trainer_argv(*, config: str, overrides: list[str], ds: str, ds_overrides: li
                         ("--eval-every", eval_every), ("--save-every", save_every), ("--stop-after", stop_after)]:
         if value is not None:
             argv += [flag, str(value)]
-    return argv
+    return argv + (["--elastic"] if elastic else [])
 
 
 @app.command("train")
@@ -120,18 +120,19 @@ def train_cmd(
                                "none, or a checkpoints/tag path."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="End this session after N optimizer steps "
                                              "without changing the LR schedule; a later --resume auto continues."),
+    elastic: bool = typer.Option(False, "--elastic", help="Resume a checkpoint made on another number of ranks, "
+                                 "exactly (DeepSpeed universal checkpoint; the same data streams and global batch)."),
 ) -> None:
     """Train the VLM on a DeepSpeed ZeRO engine (the same flags as `python -m vlm_dist.train`).
 
     Exits 2 with one message on a bad configuration or unavailable pretrained weights.
     """
     import os
-    import subprocess
     import sys
 
     argv = trainer_argv(config=config, overrides=set_ or [], ds=ds, ds_overrides=ds_set or [], run_dir=run_dir,
                         train_shards=train_shards, val_shards=val_shards, max_steps=max_steps, eval_every=eval_every,
-                        save_every=save_every, resume=resume, stop_after=stop_after)
+                        save_every=save_every, resume=resume, stop_after=stop_after, elastic=elastic)
     if num_gpus == 1:
         from vlm_dist.train.entry import main
 
@@ -140,7 +141,9 @@ def train_cmd(
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_gpus)), **os.environ}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
            "--master_port", str(master_port), "--module", "vlm_dist.train", *argv]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    # exec: this process becomes DeepSpeed's runner, so a signal to it is a signal to the runner, which the
+    # ranks notice (vlm_dist/train/preempt.py): they save and exit 75 instead of training on as orphans.
+    os.execve(sys.executable, cmd, env)
 
 
 @app.command("shard-coco")
@@ -299,8 +302,7 @@ def generate_cmd(
 
     try:
         model, cfg = load_exported(model_dir)
-        max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens,
-                                                  speculative)
+        max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens)
     except (ExportError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)

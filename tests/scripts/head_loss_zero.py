@@ -9,17 +9,19 @@ Rank 0 prints one JSON line per stage: {"stage", "world", "loss_diff", "grad_dif
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
-from tests.test_heads_loss import batch, plain_loss
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `tests` is not installed
+
+from tests.test_heads_loss import batch, plain_loss  # noqa: E402
 from vlm_dist.config import load_config
 from vlm_dist.model import VLM
 from vlm_dist.model import loss as loss_module
-from vlm_dist.train.dist import init_distributed
-from vlm_dist.train.engine import build_engine
+from vlm_dist.train.engine import build_engine, init_distributed
 
 
 class Plain(nn.Module):

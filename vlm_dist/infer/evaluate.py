@@ -105,8 +105,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     tok = get_tokenizer()
     to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
     tasks = _tasks(shards, limit)
-    # text positions: prompt + generated tokens (+ the n_future draft positions of a speculative call)
-    room = model.cfg.max_seq_len - model.n_image_tokens - (model.cfg.n_future if speculative else 0)
+    room = model.cfg.max_seq_len - model.n_image_tokens  # text positions: prompt + generated tokens
     prompts = [prompt_tokens(tok, t["question"]) for t in tasks]
     budgets = [min(max_new_tokens, room - len(p)) for p in prompts]
     for t, p, b in zip(tasks, prompts, budgets):

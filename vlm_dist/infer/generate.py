@@ -97,13 +97,12 @@ def generate_text(model, images: torch.Tensor, questions: list[str | None], **kw
     return [tok.decode(i) for i in ids]
 
 
-def fit_max_new_tokens(cfg, prompt_len: int, requested: int, speculative: bool = False) -> tuple[int, str | None]:
-    """`requested` lowered to what the context holds after the image tokens and the prompt (and, for
-    self-speculative decoding, the n_future draft positions); returns (tokens, a note if lowered).
-    `cfg` is the ModelConfig, so this is checked without building the model."""
-    draft = cfg.n_future if speculative else 0
-    room = cfg.max_seq_len - cfg.n_image_tokens - prompt_len - draft
-    what = f"{cfg.n_image_tokens} image tokens + a {prompt_len}-token prompt" + (f" + {draft} draft" if draft else "")
+def fit_max_new_tokens(cfg, prompt_len: int, requested: int) -> tuple[int, str | None]:
+    """`requested` lowered to what the context holds after the image tokens and the prompt (the same for
+    greedy and self-speculative decoding); returns (tokens, a note if lowered). `cfg` is the
+    ModelConfig, so this is checked without building the model."""
+    room = cfg.max_seq_len - cfg.n_image_tokens - prompt_len
+    what = f"{cfg.n_image_tokens} image tokens + a {prompt_len}-token prompt"
     if room < 1:
         raise ValueError(f"model.max_seq_len={cfg.max_seq_len} leaves no room to generate after {what}; "
                          f"shorten the question")

@@ -61,8 +61,8 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     if len(prompts) != B or any(not p for p in prompts):
         raise ValueError(f"need one non-empty prompt per image: {B} images, {len(prompts)} prompts")
     longest = max(len(p) for p in prompts)
-    if P + longest + max_new_tokens + n > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) + draft ({n}) exceed "
+    if P + longest + max_new_tokens > model.cfg.max_seq_len:  # the same limit as greedy decoding
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed "
                          f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
     device = next(model.parameters()).device
     images = images.to(device, model.projector.weight.dtype)
@@ -76,7 +76,9 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     ids = torch.full((B, longest), tok.pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p, device=device)
-    cache = model.new_cache(B)
+    # n spare cache slots: a call near the end of the context writes drafts past max_seq_len. Every token
+    # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
+    cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
     states = model.step_states(ids, cache, images=images)  # per head (B, longest, D)
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)
     cache.set_lengths([P + len(p) for p in prompts])
