@@ -86,6 +86,24 @@ def test_index_counts_usable_samples_and_reasons(foreign):
     assert index["stats_mismatches"] == []  # usable + skipped = img2dataset's successes, per shard
 
 
+def test_a_folder_without_manifest_is_scanned_once(foreign, monkeypatch):
+    import vlm_dist.data.index as index
+    from vlm_dist.data.manifest import resolve_shards
+
+    calls = []
+    real = index.index_directory
+    monkeypatch.setattr(index, "index_directory", lambda *a, **k: calls.append(a) or real(*a, **k))
+    shards = resolve_shards(str(foreign[0]))
+    assert len(calls) == 1 and shards and all(s.samples > 0 for s in shards)
+
+
+def test_eval_refuses_shards_without_metadata(foreign):
+    from vlm_dist.infer.evaluate import EvalDataError, iter_shard_samples
+
+    with pytest.raises(EvalDataError, match=r"has no \.(json|jpg): evaluation needs each image's image_id"):
+        list(iter_shard_samples(str(foreign[0])))
+
+
 def _all_samples(loader) -> list[tuple[str, list[str], bool]]:
     loader.set_epoch(0)
     return [(k, refs, pad) for b in loader for k, refs, pad in zip(b["keys"], b["references"], b["is_pad"].tolist())]

@@ -60,7 +60,7 @@ def mixed_prompts(B):
     return [prompt_tokens(tok, questions[b % 4]) for b in range(B)]
 
 
-@pytest.mark.parametrize("n_future", [2, 3, 4])
+@pytest.mark.parametrize("n_future", [1, 2, 3, 4])
 def test_speculative_equals_greedy_untrained_batch_1_and_8(n_future):
     model = untrained(n_future, seed=n_future)
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(n_future))
@@ -89,6 +89,21 @@ def test_speculative_equals_greedy_trained_with_high_acceptance(trained4, n_futu
         ids, single = speculative_generate(model, images[b], prompts[b], max_new_tokens=30)
         assert ids == greedy[b]
         assert single["tokens_per_call"] == len(ids) / single["row_calls"]
+
+
+@pytest.mark.parametrize("n_future", [2, 4])
+def test_speculative_fills_the_context_like_greedy(n_future):
+    """max_new_tokens up to the last position greedy can use: the last calls' drafts run past
+    max_seq_len into spare cache slots, and the output is still greedy's."""
+    model = untrained(n_future, seed=7)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    prompts = mixed_prompts(3)
+    room = model.cfg.max_seq_len - model.n_image_tokens - max(map(len, prompts))
+    greedy = generate(model, images, prompts, max_new_tokens=room)
+    rows, _ = speculative_generate_batch(model, images, prompts, max_new_tokens=room)
+    assert rows == greedy and max(map(len, rows)) == room  # an untrained model runs to the limit
+    with pytest.raises(ValueError, match="exceed"):
+        speculative_generate_batch(model, images, prompts, max_new_tokens=room + 1)
 
 
 def test_length_limit_inside_an_accepted_draft(trained4):

@@ -80,10 +80,11 @@ def resolve_shards(spec: str | Path | None) -> list[Shard]:
     if spec is None or not str(spec).strip():
         raise ShardSpecError(f"no shards given: set data.train_shards / data.val_shards; {HOW_TO}")
     spec = str(spec)
+    found: dict[Path, dict] = {}
     if Path(spec).is_dir():
         directory = Path(spec)
-        counts = directory_counts(directory)["counts"]
-        urls = [str(directory / name) for name in counts]
+        found[directory] = directory_counts(directory)  # without a manifest: one scan of its tars, reused below
+        urls = [str(directory / name) for name in found[directory]["counts"]]
     else:
         urls = _expand(spec)
         if not urls or not any(Path(u).is_file() for u in urls):
@@ -95,7 +96,7 @@ def resolve_shards(spec: str | Path | None) -> list[Shard]:
     by_dir: dict[Path, list[str]] = {}
     for url in sorted(set(urls)):
         by_dir.setdefault(Path(url).parent, []).append(Path(url).name)
-    found = {d: directory_counts(d, names) for d, names in by_dir.items()}
+    found.update({d: directory_counts(d, names) for d, names in by_dir.items() if d not in found})
     shards = []
     for url in sorted(set(urls)):
         directory, name = Path(url).parent, Path(url).name

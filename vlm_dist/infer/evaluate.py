@@ -45,6 +45,11 @@ def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[
         for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
             if limit is not None and n >= limit:
                 return
+            if "json" not in raw or "jpg" not in raw:
+                raise EvalDataError(
+                    f"sample {raw['__key__']} of {shard.url} has no {'.json' if 'json' not in raw else '.jpg'}: "
+                    f"evaluation needs each image's image_id, captions and Q&A, as `vlm-dist shard-coco` writes them "
+                    f"(img2dataset shards train, but cannot be scored)")
             yield raw["__key__"], raw["jpg"], json.loads(raw["json"])
             n += 1
 

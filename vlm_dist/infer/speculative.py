@@ -98,7 +98,7 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
         match = (draft[:, 1:] == greedy[:, :-1]).long()  # (b, n-1)
         accepted = 1 + match.cumprod(dim=1).sum(dim=1)  # (b,) in 1..n: the longest matching prefix
         idx = accepted - 1  # each row's last accepted position in this call
-        at = torch.stack([s[rows, idx] for s in states[1:]]) if n > 1 else states[0][:0, 0]  # (n-1, b, D)
+        at = torch.stack([s[rows, idx] for s in states[1:]]) if n > 1 else states[0][:, :0].transpose(0, 1)  # (n-1, b, D)
         next_draft = torch.cat([greedy[rows, idx][:, None], _draft_ids(at, table)], dim=1)  # (b, n)
 
         acc, tokens, keep = accepted.tolist(), draft.tolist(), []
