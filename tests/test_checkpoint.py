@@ -110,6 +110,18 @@ def test_resume_refuses_a_folder_with_only_incomplete_tags(tmp_path):
         ckpt.resolve_resume("auto", tmp_path)
 
 
+def test_a_rollback_sets_later_tags_aside(tmp_path):
+    for s in (2, 4, 6):
+        save(tmp_path, f"step{s}", s)
+    save(tmp_path, "best", 5, latest=False)
+    assert ckpt.set_aside(tmp_path, 2) == ["best", "step4", "step6"]
+    assert ckpt.resolve_resume("auto", tmp_path).tag == "step2" and (tmp_path / "latest").read_text() == "step2"
+    (aside,) = tmp_path.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "step4", "step6"]  # kept, out of the way
+    assert ckpt.set_aside(tmp_path, -1) == ["step2"] and ckpt.resolve_resume("auto", tmp_path) is None
+    assert len(list(tmp_path.glob("superseded-*"))) == 2
+
+
 def test_prune_keeps_the_newest_step_tags(tmp_path):
     for s in (2, 4, 6):
         save(tmp_path, f"step{s}", s)
@@ -122,3 +134,12 @@ def test_write_atomic_replaces(tmp_path):
     ckpt.write_atomic(tmp_path / "latest", "step2")
     ckpt.write_atomic(tmp_path / "latest", "step4")
     assert (tmp_path / "latest").read_text() == "step4" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_truncate_drops_a_line_a_crash_cut(tmp_path):
+    from vlm_dist.observe.logger import truncate_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    assert truncate_jsonl(log, 2) == 2
+    assert log.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

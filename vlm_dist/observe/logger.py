@@ -40,12 +40,20 @@ class ConsoleLogger(NullLogger):
         print(message, flush=True)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a jsonl record; None for a line a crash cut short (dropped on truncation)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_jsonl(path: Path, after_step: int) -> int:
     """Drop the records of steps > after_step (a resumed run logs them again); returns how many."""
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= after_step]
+    keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= after_step]
     if len(keep) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))

@@ -29,13 +29,14 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlm_dist.train.dist import barrier
+from vlm_dist.train.dist import barrier, from_main
 
 STEP_TAG = re.compile(r"^(step|epoch)(\d+)$")
 RUN_CONFIG_FILE = "run_config.json"  # the run config beside each tag, readable without unpickling
@@ -105,13 +106,18 @@ def save(engine, ckpt_dir: Path, tag: str, state: TrainState, config: dict, shap
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     _fault("saved", rank, tag)
     barrier()
+    problem = None
     if rank == 0:
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         missing = [f"rng_rank{r}.pt" for r in range(world_size) if f"rng_rank{r}.pt" not in files]
         if missing:
-            raise CheckpointError(f"{tmp}: {', '.join(missing)} missing after every rank saved: is {ckpt_dir} "
-                                  f"on a filesystem shared by all nodes?")
+            problem = (f"{tmp}: {', '.join(missing)} missing after every rank saved: is {ckpt_dir} on a filesystem "
+                       f"shared by all nodes?")
+    problem = from_main(problem)  # every rank fails together, none waits at a barrier
+    if problem:
+        raise CheckpointError(problem)
+    if rank == 0:
         meta = {"tag": tag, "state": asdict(state), "shape": shape, "world_size": world_size, "files": files}
         write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
         _fault("meta", rank, tag)
@@ -179,6 +185,27 @@ def recover(ckpt_dir: Path) -> list[str]:
     if tags and (not latest.is_file() or latest.read_text().strip() != tags[-1][1]):
         write_atomic(latest, tags[-1][1])  # a crash between publishing and updating `latest`
     return notes
+
+
+def set_aside(ckpt_dir: Path, after_step: int) -> list[str]:
+    """Rank 0, when a run starts afresh (after_step -1) or from an explicit earlier tag: move the tags of
+    later steps (step/epoch/best) into RUN/checkpoints/superseded-TIME/, so that `--resume auto`, `latest`
+    and pruning see only this run's trajectory. Nothing is deleted. Returns the tags moved."""
+    later = [p for p in ckpt_dir.iterdir() if (STEP_TAG.match(p.name) or p.name == "best")
+             and (read_meta(p) or {"state": {"step": after_step + 1}})["state"]["step"] > after_step] \
+        if ckpt_dir.is_dir() else []
+    if later:
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        while (aside := ckpt_dir / (f"superseded-{stamp}" + (f"-{n}" if n else ""))).exists():
+            n += 1
+        aside.mkdir()
+        for path in later:
+            path.rename(aside / path.name)
+        (ckpt_dir / "latest").unlink(missing_ok=True)
+        tags = published_tags(ckpt_dir)
+        if tags:
+            write_atomic(ckpt_dir / "latest", tags[-1][1])
+    return sorted(p.name for p in later)
 
 
 def published_tags(ckpt_dir: Path) -> list[tuple[int, str]]:

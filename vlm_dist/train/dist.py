@@ -44,6 +44,15 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
     return t.cpu()
 
 
+def from_main(obj):
+    """Rank 0's `obj` on every rank (a small object of our own: broadcast_object_list pickles it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

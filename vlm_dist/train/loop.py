@@ -254,9 +254,9 @@ def run_epoch(run: Run) -> None:
             epoch_done = state.batch_in_epoch + run.accum > end
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            maybe_eval_and_save(run, epoch_end=epoch_done)  # the step's scheduled eval/save first: exact resume
             if metrics["stop_requested"]:
                 stop_now(run)
-            maybe_eval_and_save(run, epoch_end=epoch_done)
             if epoch_done:
                 return
     finally:

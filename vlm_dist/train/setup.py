@@ -90,6 +90,12 @@ def _resume_point(opts: RunOptions, ckpt_dir: Path, info: DistInfo, log: NullLog
     if where is not None:
         for skipped in where.skipped:
             log.info(f"checkpoints: skipped {skipped}")
+    if opts.resume != "auto" and info.is_main:  # a fresh start or a rollback: later tags are another trajectory
+        moved = ckpt.set_aside(ckpt_dir, where.meta["state"]["step"] if where is not None else -1)
+        if moved:
+            log.info(f"checkpoints: moved {', '.join(moved)} (later than this run's start) to "
+                     f"{ckpt_dir}/superseded-*/")
+    barrier()
     return where
 
 
