@@ -2,9 +2,12 @@
 kind / colour / size) on freshly rendered demo images, in plain PyTorch, and print held-out accuracy.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/probe_vision.py --tower vlm-tiny-vit --steps 200
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/probe_vision.py --from-export runs/demo/export --freeze --steps 300
 
 This is the diagnostic behind docs/bench/issue10.md: it separates "the tower cannot see it" from "the
-VLM does not learn to read it". Images go through the trainer's own pipeline (JPEG -> ImageToTensor).
+VLM does not learn to read it". With --from-export DIR --freeze, the tower a VLM training left behind is
+probed as it is (only the readout learns): does that tower still encode what its decoder fails to read? Compare
+with `--freeze` alone (a frozen random tower). Images go through the trainer's own pipeline (JPEG -> ImageToTensor).
 """
 
 from __future__ import annotations
@@ -49,13 +52,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--from-export", default=None, help="take the tower (and its name) from this `vlm-dist export` folder")
+    p.add_argument("--freeze", action="store_true", help="train only the linear readout, not the tower")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.from_export:
+        from vlm_dist.infer.load import load_exported
+
+        vlm, _ = load_exported(args.from_export)
+        args.tower = vlm.cfg.vision.model_name
+        tower = vlm.vision.tower.float()
+    else:
+        tower = build_vision_tower(VisionConfig(model_name=args.tower, freeze=False))
     geo = vision_geometry(args.tower)
-    tower = build_vision_tower(VisionConfig(model_name=args.tower))
+    if args.freeze:
+        tower.requires_grad_(False)
     head = nn.Linear(geo["n_tokens"] * geo["width"], 3 * 4 + 3 * 4 + 3 * 2)  # position-specific readout
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     to_tensor = ImageToTensor(geo["image_size"])
 
     def forward(x):
@@ -77,7 +91,7 @@ def main() -> None:
                 k, c, s = forward(val[0])
             yv, present = val[1], val[1][:, 3:6] >= 0
             acc = lambda logits, lab: float(((logits.argmax(-1) == lab) & present).sum() / present.sum())  # noqa: E731
-            print(json.dumps({"tower": args.tower, "step": step, "loss": round(loss.item(), 3),
+            print(json.dumps({"tower": args.from_export or args.tower, "frozen": args.freeze, "step": step, "loss": round(loss.item(), 3),
                               "kind": round(acc(k, yv[:, :3]), 3), "colour": round(acc(c, yv[:, 3:6]), 3),
                               "size": round(acc(s, yv[:, 6:]), 3), "seconds": round(time.time() - t0, 1)}), flush=True)
 
