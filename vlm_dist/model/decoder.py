@@ -40,6 +40,8 @@ class KVCache:
         self.lengths = [0] * batch  # python ints: decided on the host anyway, no device sync per read
         self._mask_key: tuple | None = None
         self._mask: torch.Tensor | None = None
+        self._pos_key: tuple | None = None
+        self._pos: torch.Tensor | None = None
 
     @property
     def uniform(self) -> bool:
@@ -53,9 +55,14 @@ class KVCache:
         return self.lengths[0]
 
     def positions(self, T: int) -> torch.Tensor:
-        """Absolute positions (B, T) of T tokens fed next: lengths[b] + 0..T-1."""
-        device = self.k.device
-        return torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+        """Absolute positions (B, T) of T tokens fed next: lengths[b] + 0..T-1 (made once per forward:
+        the embedding and every layer's cache update read it)."""
+        key = (T, *self.lengths)
+        if key != self._pos_key:
+            device = self.k.device
+            self._pos = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+            self._pos_key = key
+        return self._pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) after each row's cached positions; return keys/values (B, H, S, hd)
@@ -105,7 +112,7 @@ class KVCache:
         index = torch.tensor(rows, device=self.k.device)
         self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
         self.lengths = [self.lengths[r] for r in rows]
-        self._mask_key = None
+        self._mask_key = self._pos_key = None
 
     def set_lengths(self, lengths: list[int]) -> None:
         """Declare rows' valid lengths after a padded prefill (row b's positions past lengths[b] are
@@ -124,23 +131,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        y = self.attend(self.qkv(x), cache, layer)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+    def attend(self, qkv: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Attention of the projected qkv (B, T, 3D) over the cached keys and these: (B, H, T, hd)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, hd), S = cached + T
         S = k.shape[2]
         p = self.dropout if self.training else 0.0
         if self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
-        else:
-            if cache is not None:
-                mask = cache.attn_mask(T)
-            else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T) if T > 1 else None
-            if self.kind == "sdpa":
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-            else:
-                y = explicit_attention(q, k, v, mask, p)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+        if cache is not None:
+            mask = cache.attn_mask(T)
+        else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
+            mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T) if T > 1 else None
+        if self.kind == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return explicit_attention(q, k, v, mask, p)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -166,5 +176,38 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if cache is not None and not self.training:
+            return self.decode(x, cache, layer)
         x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` for cached decoding (eval mode): the same kernels on the same arguments, so the same
+        numbers, but through F.* instead of nn.Module calls, whose dispatch (~5 us each, 12 per block)
+        was a third of a decoding step at the demo width (docs/bench/issue9_round3.md)."""
+        B, T, D = x.shape
+        a = self.attn
+        y = a.attend(F.linear(self._norm(self.ln1, x), a.qkv.weight, a.qkv.bias), cache, layer)  # (B, H, T, hd)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), a.out.weight, a.out.bias)
+        return x + self._mlp(self._norm(self.ln2, x))
+
+    def decode_at(self, x: torch.Tensor, cache: KVCache, layer: int, at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The block's output at ONE position per row: x (B, T, D) -> (B, D) at positions `at` (B,). Every
+        position's keys and values still go to the cache (later queries attend to them); only the rows at
+        `at` go through attention (`mask` (B, 1, 1, S): each row's keys up to that position), the output
+        projection and the MLP. For draft heads, whose other positions' outputs nobody reads."""
+        B, T, D = x.shape
+        a, rows = self.attn, torch.arange(B, device=x.device)
+        qkv = F.linear(self._norm(self.ln1, x), a.qkv.weight, a.qkv.bias).view(B, T, 3, a.n_heads, a.head_dim)
+        k, v = cache.update(layer, qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2))  # (B, H, S, hd)
+        y = F.scaled_dot_product_attention(qkv[rows, at, 0][:, :, None], k, v, attn_mask=mask)  # (B, H, 1, hd)
+        x = x[rows, at] + F.linear(y.reshape(B, D), a.out.weight, a.out.bias)  # (B, D)
+        return x + self._mlp(self._norm(self.ln2, x))
+
+    @staticmethod
+    def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        up, act, down = self.mlp
+        return F.linear(F.gelu(F.linear(x, up.weight, up.bias), approximate=act.approximate), down.weight, down.bias)

@@ -8,6 +8,7 @@ norm; every head shares the LM head's unembedding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -35,3 +36,15 @@ class ExtraHeads(nn.Module):
                 z = block(h, cache, first_layer + k)
             outs.append(norm(z))
         return outs
+
+    def decode_at(self, h: torch.Tensor, cache: KVCache, first_layer: int, at: torch.Tensor) -> torch.Tensor:
+        """Inference: every extra head's normalised state at one position per row, (n-1, B, D), from trunk
+        states h (B, T, D) at positions `at` (B,) of these T (the cache holds each row's earlier ones).
+        Their caches still get all T positions (`Block.decode_at`)."""
+        B, T, _ = h.shape
+        S = max(cache.lengths) + T
+        ends = torch.tensor(cache.lengths, device=h.device) + at  # (B,) absolute position of each query
+        mask = (torch.arange(S, device=h.device)[None, :] <= ends[:, None])[:, None, None]  # (B, 1, 1, S)
+        return torch.stack([F.layer_norm(block.decode_at(h, cache, first_layer + k, at, mask), norm.normalized_shape,
+                                         norm.weight, norm.bias, norm.eps)
+                            for k, (block, norm) in enumerate(zip(self.blocks, self.norms))])

@@ -18,31 +18,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
+from vlm_dist.model.argmax import CertifiedArgmax, unembed_argmax  # noqa: F401 (unembed_argmax re-exported)
 from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads
 from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
-
-
-
-def unembed_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """argmax_v (x @ weight.T)[:, v] for x (N, D), weight (V, D): ids (N,), without keeping the logits.
-
-    The kernel depends on N, measured on the 2-core EPYC CPU (1 thread, V = 49,408, D = 128;
-    docs/bench/issue9.md): up to 8 rows, W @ X^T (V, N) with X row-major is the fast layout (1.0 ms for
-    2 rows, 1.3 ms for 4, where x @ W^T costs 2.6 ms for 1 row and 9.3 ms for 3; a one-column W @ x and
-    W @ X^T with X^T made contiguous hit slow kernels, so one row is fed twice); beyond 8 rows the
-    argmax along the (V, N) result's outer dimension costs more than the matmul's layout saves, and
-    x @ W^T (N, V) with a contiguous argmax wins (15 vs 22 ms at 32 rows).
-    """
-    x = x.to(weight.dtype).contiguous()
-    N = x.shape[0]
-    if N > 8:
-        return F.linear(x, weight).argmax(dim=-1)
-    if N == 1:
-        x = x.repeat(2, 1)
-    return (weight @ x.T).argmax(dim=0)[:N]
 
 
 class VLM(nn.Module):
@@ -94,11 +75,24 @@ class VLM(nn.Module):
         if images is not None:
             img = self.projector(self.vision(images.to(self.projector.weight.dtype)))  # (B, P, D)
             x = torch.cat([img, x], dim=1)
+        table = self._position_table(x.dtype, x.device)  # (L, D): pos_scale * sinusoidal positions
         if positions is None:
-            pe = sinusoidal_positions(torch.arange(offset, offset + x.shape[1], device=x.device), x.shape[-1])
-        else:
-            pe = sinusoidal_positions(positions.reshape(-1), x.shape[-1]).view(*positions.shape, -1)
+            if offset + x.shape[1] <= table.shape[0]:
+                return x + table[offset : offset + x.shape[1]]
+            positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        elif int(positions.max()) < table.shape[0]:
+            return x + table[positions]
+        pe = sinusoidal_positions(positions.reshape(-1), x.shape[-1]).view(*positions.shape, -1)
         return x + self.cfg.pos_scale * pe.to(x.dtype)
+
+    def _position_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """pos_scale * sinusoidal positions for 0 .. max_seq_len + 63 (spare slots of speculative decoding),
+        (L, D), made once per dtype and device: a decoding step indexes it instead of recomputing ~10 kernels."""
+        key = (dtype, device)
+        if getattr(self, "_pos_key", None) != key:
+            pe = sinusoidal_positions(torch.arange(self.cfg.max_seq_len + 64, device=device), self.cfg.d_model)
+            self._pos_table, self._pos_key = self.cfg.pos_scale * pe.to(dtype), key
+        return self._pos_table
 
     def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Causal blocks over x (B, S, D) -> last hidden state (B, S, D), before the final norm."""
@@ -206,7 +200,55 @@ class VLM(nn.Module):
         return [s[:, -T:] for s in states]
 
     @torch.no_grad()
+    def verify_step(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None,
+                    last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One call of self-speculative decoding. Feeds input_ids (B, T) (a draft, or the padded prompts on
+        the first call, with images) after the cache; every row's cache grows by T (the caller crops).
+
+        Returns greedy (B, T): head 0's exact full-vocabulary argmax after each fed position; at (B,): the
+        position whose heads draft next, `last` if given (the prompts' last positions), else the end of
+        the longest accepted prefix (draft token i+1 accepted while it equals greedy[:, i]: at + 1 tokens
+        accepted); guesses (B, n-1): the extra heads' shortlist guesses for the tokens after greedy[b, at[b]].
+        The extra heads run their attention and MLP at `at` only (`ExtraHeads.decode_at`).
+        """
+        if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
+            raise ValueError("pass images on the first step (empty cache) and only then")
+        B, T = input_ids.shape
+        if cache.uniform:
+            x = self.embed(images, input_ids, offset=cache.lengths[0])
+        else:
+            x = self.embed(None, input_ids, positions=cache.positions(T))
+        h = self.trunk(x, cache)  # (B, S, D): S = T, or P + T on the first call (the heads see the image too)
+        greedy = self.greedy_ids(self.norm(h[:, -T:]))  # (B, T)
+        if last is None:
+            match = (input_ids[:, 1:] == greedy[:, :-1]).long()  # (B, T-1)
+            last = match.cumprod(dim=1).sum(dim=1)  # (B,): accepted draft tokens - 1
+        if self.cfg.n_future > 1:
+            at = last + (x.shape[1] - T)  # in h's positions (the image's come first on the first call)
+            states = self.extra_heads.decode_at(h, cache, self.cfg.n_layers, at)  # (n-1, B, D)
+            guesses = self.draft_ids(states).T  # (B, n-1)
+        else:
+            guesses = greedy[:, :0]
+        cache.advance(x.shape[1])
+        return greedy, last, guesses
+
+    @torch.no_grad()
     def greedy_ids(self, states: torch.Tensor) -> torch.Tensor:
-        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...),
-        as one matmul for all rows (`unembed_argmax`)."""
-        return unembed_argmax(states.reshape(-1, states.shape[-1]), self.lm_head.weight).view(states.shape[:-1])
+        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...):
+        a shortlist's logits and a certificate, the full matmul only for rows it does not certify
+        (`argmax_table`, model/argmax.py)."""
+        return self.argmax_table()(states.reshape(-1, states.shape[-1])).view(states.shape[:-1])
+
+    @torch.no_grad()
+    def draft_ids(self, states: torch.Tensor) -> torch.Tensor:
+        """The shortlist's argmax, not certified: states (..., D) -> ids (...). For draft heads only."""
+        return self.argmax_table().draft(states.reshape(-1, states.shape[-1])).view(states.shape[:-1])
+
+    def argmax_table(self) -> CertifiedArgmax:
+        """The unembedding's CertifiedArgmax, rebuilt whenever the weight changes (an optimizer step or a
+        load bumps its version; .to() makes a new tensor)."""
+        W = self.lm_head.weight
+        key = (W.data_ptr(), W._version, W.dtype, W.device)
+        if getattr(self, "_argmax_key", None) != key:
+            self._argmax, self._argmax_key = CertifiedArgmax(W), key
+        return self._argmax
