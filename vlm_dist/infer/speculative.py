@@ -45,7 +45,8 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     device = next(model.parameters()).device
     images = images.to(device, model.projector.weight.dtype)
     was_training = model.training
-    model.eval()
+    if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
+        model.eval()
     rows = torch.arange(B, device=device)
 
     # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
@@ -57,10 +58,10 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
     cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    greedy, at, guesses = model.verify_step(ids, cache, images=images, last=last)
+    heads = model.fused_heads()  # the draft heads stacked, for this decode
+    nxt, _, guesses = model.verify_step(ids, cache, images=images, last=last, heads=heads)
     cache.set_lengths([P + len(p) for p in prompts])
-    rows = torch.arange(B, device=device)
-    draft = torch.cat([greedy[rows, at][:, None], guesses], dim=1)  # (B, n): next token + the heads' guesses
+    draft = torch.cat([nxt[:, None], guesses], dim=1)  # (B, n): the next token + the heads' guesses
 
     out: list[list[int]] = [[] for _ in range(B)]
     live = list(range(B))  # the original row of each row still in the batch
@@ -68,12 +69,12 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     accepted_at = [0] * n
     while live:
         base = cache.lengths
-        greedy, at, guesses = model.verify_step(draft, cache)  # every row's cache grew by n
+        nxt, at, guesses = model.verify_step(draft, cache, heads=heads)  # every row's cache grew by n
         calls += 1
         row_calls += len(live)
         # one host sync per call: each row's accepted count (at + 1) and its draft tokens
         host = torch.cat([at[:, None] + 1, draft], dim=1).tolist()
-        next_draft = torch.cat([greedy[rows, at][:, None], guesses], dim=1)  # (b, n)
+        next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
         keep = []
         for r, b in enumerate(live):
             acc, tokens = host[r][0], host[r][1:]
@@ -97,8 +98,8 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
             if keep:
                 cache.keep_rows(keep)
                 draft = draft[keep]
-                rows = rows[: len(keep)]
-    model.train(was_training)
+    if was_training:
+        model.train()
     emitted = sum(map(len, out))
     return out, {"calls": calls, "row_calls": row_calls, "tokens": emitted,
                  "tokens_per_call": emitted / max(row_calls, 1),

@@ -66,13 +66,17 @@ class CertifiedArgmax:
 
     Counts `rows` answered and `fallback_rows` that needed the full matmul (for reports)."""
 
-    def __init__(self, weight: torch.Tensor, size: int | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, size: int | None = None, ids: torch.Tensor | None = None) -> None:
+        """weight (V, D): the unembedding. The shortlist: `ids` if given (any ids: the certificate keeps
+        the result exact), else the `size` (default `shortlist_size`) rows farthest from the median row."""
         W = weight.detach()
         V, D = W.shape
         Wf = W.float()
-        dist = (Wf - Wf.median(dim=0).values).norm(dim=1)  # (V,)
-        K = min(V, size or shortlist_size(dist))
-        ids = dist.topk(K).indices.sort().values  # id order: ties break towards the lower id, as a full argmax
+        if ids is None:
+            dist = (Wf - Wf.median(dim=0).values).norm(dim=1)  # (V,)
+            ids = dist.topk(min(V, size or shortlist_size(dist))).indices
+        ids = ids.to(W.device).unique()  # sorted: ties break towards the lower id, as in a full argmax
+        K = ids.numel()
         outside = torch.ones(V, dtype=torch.bool, device=W.device)
         outside[ids] = False
         self.weight, self.ids, self.size = W, ids, K

@@ -19,6 +19,11 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(pe, (0, dim - 2 * half))  # odd dim: last channel zero
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True: may attend) as SDPA's additive form: 0 where True, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class KVCache:
     """Keys and values of every attention layer, preallocated to max_len positions per row.
 
@@ -39,7 +44,7 @@ class KVCache:
         self.max_len = max_len
         self.lengths = [0] * batch  # python ints: decided on the host anyway, no device sync per read
         self._mask_key: tuple | None = None
-        self._mask: torch.Tensor | None = None
+        self._mask: tuple | None = None  # (bool mask, additive mask)
         self._pos_key: tuple | None = None
         self._pos: torch.Tensor | None = None
 
@@ -67,35 +72,43 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) after each row's cached positions; return keys/values (B, H, S, hd)
         for S = max(lengths) + T (positions a row has not written are masked by `attn_mask`)."""
-        T = k.shape[2]
+        keys, values = self.update_layers(layer, k[None], v[None])
+        return keys[0], values[0]
+
+    def update_layers(self, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for m consecutive layers at once: k, v (m, B, H, T, hd) -> (m, B, H, S, hd)."""
+        m, T = k.shape[0], k.shape[3]
         end = max(self.lengths) + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len} (raise model.max_seq_len)")
+        layers = slice(first, first + m)
         if self.uniform:
             start = self.lengths[0]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
+            self.k[layers, :, :, start:end] = k
+            self.v[layers, :, :, start:end] = v
         else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            rows = torch.arange(k.shape[1], device=k.device)[:, None]  # (B, 1)
             pos = self.positions(T)  # (B, T); advanced indices around a slice put (B, T) first
-            self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd)
-            self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            self.k[layers][:, rows, :, pos] = k.permute(1, 3, 0, 2, 4)  # (B, T, m, H, hd)
+            self.v[layers][:, rows, :, pos] = v.permute(1, 3, 0, 2, 4)
+        return self.k[layers, :, :, :end], self.v[layers, :, :, :end]
 
-    def attn_mask(self, T: int) -> torch.Tensor | None:
+    def attn_mask(self, T: int, additive: bool = False) -> torch.Tensor | None:
         """Which cached keys the T new queries may see: None (T = 1, uniform: all), (T, S) for a uniform
-        cache, (B, 1, T, S) for a ragged one. Built once per forward and shared by every layer."""
+        cache, (B, 1, T, S) for a ragged one; bool, or additive (0 / -inf in the cache's dtype: what SDPA
+        turns a bool mask into, on every call, otherwise). Built once per forward and shared by every layer."""
         key = (T, *self.lengths)
         if key != self._mask_key:
             S = max(self.lengths) + T
             if self.uniform:
                 # query i sits at absolute position S-T+i and may see keys 0..S-T+i
-                self._mask = torch.ones(T, S, dtype=torch.bool, device=self.k.device).tril(S - T) if T > 1 else None
+                mask = torch.ones(T, S, dtype=torch.bool, device=self.k.device).tril(S - T) if T > 1 else None
             else:
                 keys = torch.arange(S, device=self.k.device)
-                self._mask = (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]  # (B, 1, T, S)
+                mask = (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]  # (B, 1, T, S)
+            self._mask = (mask, None if mask is None else additive_mask(mask, self.k.dtype))
             self._mask_key = key
-        return self._mask
+        return self._mask[additive]
 
     def advance(self, n: int) -> None:
         self.lengths = [length + n for length in self.lengths]
@@ -145,7 +158,7 @@ class Attention(nn.Module):
         if self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
         if cache is not None:
-            mask = cache.attn_mask(T)
+            mask = cache.attn_mask(T, additive=self.kind == "sdpa")
         else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
             mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T) if T > 1 else None
         if self.kind == "sdpa":
@@ -189,19 +202,6 @@ class Block(nn.Module):
         a = self.attn
         y = a.attend(F.linear(self._norm(self.ln1, x), a.qkv.weight, a.qkv.bias), cache, layer)  # (B, H, T, hd)
         x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), a.out.weight, a.out.bias)
-        return x + self._mlp(self._norm(self.ln2, x))
-
-    def decode_at(self, x: torch.Tensor, cache: KVCache, layer: int, at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The block's output at ONE position per row: x (B, T, D) -> (B, D) at positions `at` (B,). Every
-        position's keys and values still go to the cache (later queries attend to them); only the rows at
-        `at` go through attention (`mask` (B, 1, 1, S): each row's keys up to that position), the output
-        projection and the MLP. For draft heads, whose other positions' outputs nobody reads."""
-        B, T, D = x.shape
-        a, rows = self.attn, torch.arange(B, device=x.device)
-        qkv = F.linear(self._norm(self.ln1, x), a.qkv.weight, a.qkv.bias).view(B, T, 3, a.n_heads, a.head_dim)
-        k, v = cache.update(layer, qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2))  # (B, H, S, hd)
-        y = F.scaled_dot_product_attention(qkv[rows, at, 0][:, :, None], k, v, attn_mask=mask)  # (B, H, 1, hd)
-        x = x[rows, at] + F.linear(y.reshape(B, D), a.out.weight, a.out.bias)  # (B, D)
         return x + self._mlp(self._norm(self.ln2, x))
 
     @staticmethod

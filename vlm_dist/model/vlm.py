@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from vlm_dist.config import ModelConfig
 from vlm_dist.model.argmax import CertifiedArgmax, unembed_argmax  # noqa: F401 (unembed_argmax re-exported)
 from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
-from vlm_dist.model.heads import ExtraHeads
+from vlm_dist.model.heads import ExtraHeads, FusedHeads
 from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
@@ -201,15 +201,18 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def verify_step(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None,
-                    last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    last: torch.Tensor | None = None, heads: FusedHeads | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One call of self-speculative decoding. Feeds input_ids (B, T) (a draft, or the padded prompts on
         the first call, with images) after the cache; every row's cache grows by T (the caller crops).
 
-        Returns greedy (B, T): head 0's exact full-vocabulary argmax after each fed position; at (B,): the
-        position whose heads draft next, `last` if given (the prompts' last positions), else the end of
-        the longest accepted prefix (draft token i+1 accepted while it equals greedy[:, i]: at + 1 tokens
-        accepted); guesses (B, n-1): the extra heads' shortlist guesses for the tokens after greedy[b, at[b]].
-        The extra heads run their attention and MLP at `at` only (`ExtraHeads.decode_at`).
+        Returns (next_ids (B,), last (B,), guesses (B, n-1)). `last`: the fed position whose successor
+        comes next: as given (the prompts' last positions), else the end of the longest accepted prefix
+        (draft token i+1 is accepted while it equals head 0's exact argmax after token i: last + 1 tokens
+        accepted). next_ids: head 0's exact full-vocabulary argmax there; guesses: the extra heads'
+        shortlist guesses for the tokens after it. The extra heads run stacked (`heads`, default
+        `fused_heads()`: pass it in a decoding loop, its check costs a walk over the heads' parameters),
+        and only at `last` for all but their keys and values.
         """
         if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
             raise ValueError("pass images on the first step (empty cache) and only then")
@@ -219,18 +222,29 @@ class VLM(nn.Module):
         else:
             x = self.embed(None, input_ids, positions=cache.positions(T))
         h = self.trunk(x, cache)  # (B, S, D): S = T, or P + T on the first call (the heads see the image too)
-        greedy = self.greedy_ids(self.norm(h[:, -T:]))  # (B, T)
         if last is None:
+            greedy = self.greedy_ids(self.norm(h[:, -T:]))  # (B, T): head 0's choice after each draft token
             match = (input_ids[:, 1:] == greedy[:, :-1]).long()  # (B, T-1)
-            last = match.cumprod(dim=1).sum(dim=1)  # (B,): accepted draft tokens - 1
+            last = match.cumprod(dim=1).sum(dim=1)  # (B,)
+            next_ids = greedy.gather(1, last[:, None]).squeeze(1)  # (B,)
+        else:  # the prompts: only each row's last position matters
+            rows = torch.arange(B, device=h.device) * h.shape[1] + (h.shape[1] - T) + last  # (B,) in (B*S)
+            next_ids = self.greedy_ids(self.norm(h.reshape(-1, h.shape[-1]).index_select(0, rows)))
         if self.cfg.n_future > 1:
-            at = last + (x.shape[1] - T)  # in h's positions (the image's come first on the first call)
-            states = self.extra_heads.decode_at(h, cache, self.cfg.n_layers, at)  # (n-1, B, D)
-            guesses = self.draft_ids(states).T  # (B, n-1)
+            heads = heads or self.fused_heads()
+            guesses = self.draft_ids(heads(h, cache, self.cfg.n_layers, last + (h.shape[1] - T))).T  # (B, n-1)
         else:
-            guesses = greedy[:, :0]
+            guesses = next_ids[:, None][:, :0]
         cache.advance(x.shape[1])
-        return greedy, last, guesses
+        return next_ids, last, guesses
+
+    def fused_heads(self) -> FusedHeads:
+        """The extra heads stacked for drafting (heads.FusedHeads), rebuilt whenever one of their weights
+        changes (an optimizer step or a load bumps a version; .to() makes new tensors)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.extra_heads.parameters())
+        if getattr(self, "_fused_key", None) != key:
+            self._fused, self._fused_key = FusedHeads(self.extra_heads), key
+        return self._fused
 
     @torch.no_grad()
     def greedy_ids(self, states: torch.Tensor) -> torch.Tensor:
