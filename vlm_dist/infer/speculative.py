@@ -13,11 +13,11 @@ greedy, so the output is greedy decoding's, token for token (up to floating-poin
 matmul shapes, which the tests check does not flip an argmax on their models).
 
 What a call costs (the profiles in docs/bench/issue9.md and docs/bench/issue9_round3.md): one
-`VLM.verify_step` per call. Head 0's exact argmax over the 49,408-token vocabulary comes from a shortlist's
-logits and a Cauchy-Schwarz certificate (model/argmax.py: the full matmul only for rows it does not
-certify, none on the trained demo model); the extra heads run their attention and MLP only at each row's
-last accepted position, and guess from the shortlist without a certificate (a wrong guess is only
-rejected); the blocks decode through F.* calls rather than nn.Module calls.
+`VLM.verify_step` per call. Every argmax over the 49,408-token vocabulary (head 0's after each draft
+token, the draft heads' guesses) comes from a shortlist's logits and a Cauchy-Schwarz certificate
+(model/argmax.py: the full matmul only for rows it does not certify, none on the trained demo model);
+the extra heads run stacked (heads.FusedHeads) and their attention and MLP only at each row's last
+accepted position; the blocks decode through F.* calls rather than nn.Module calls.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
     table = CertifiedArgmax(model.lm_head.weight)        # built once from the weights alone (~50 ms)
     ids = table(x)                                       # x (N, D) -> argmax_v (x @ W^T)[:, v], (N,)
-    guesses = table.draft(x)                             # shortlist argmax, uncertified (draft heads)
 
 At the demo's width (D = 128, V = 49,408) the full (V, D) unembedding costs more than the whole 4-block
 trunk of a decoding step (docs/bench/issue9.md). But a trained model's rows are not alike: the rows of
@@ -110,8 +109,3 @@ class CertifiedArgmax:
             out[bad] = unembed_argmax(x[bad], self.weight)
             self.fallback_rows += bad.numel()
         return out
-
-    def draft(self, x: torch.Tensor) -> torch.Tensor:
-        """The shortlist's argmax without the certificate: x (N, D) -> (N,) ids. For draft heads, whose
-        guesses need not be exact (a wrong guess is only rejected)."""
-        return self.ids[F.linear(x.to(self.weight.dtype), self.table[:-1]).argmax(dim=1)]

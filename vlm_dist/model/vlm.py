@@ -210,7 +210,7 @@ class VLM(nn.Module):
         comes next: as given (the prompts' last positions), else the end of the longest accepted prefix
         (draft token i+1 is accepted while it equals head 0's exact argmax after token i: last + 1 tokens
         accepted). next_ids: head 0's exact full-vocabulary argmax there; guesses: the extra heads'
-        shortlist guesses for the tokens after it. The extra heads run stacked (`heads`, default
+        argmaxes (certified too: on an untrained model a shortlist-only guess would rarely be right). The extra heads run stacked (`heads`, default
         `fused_heads()`: pass it in a decoding loop, its check costs a walk over the heads' parameters),
         and only at `last` for all but their keys and values.
         """
@@ -232,7 +232,7 @@ class VLM(nn.Module):
             next_ids = self.greedy_ids(self.norm(h.reshape(-1, h.shape[-1]).index_select(0, rows)))
         if self.cfg.n_future > 1:
             heads = heads or self.fused_heads()
-            guesses = self.draft_ids(heads(h, cache, self.cfg.n_layers, last + (h.shape[1] - T))).T  # (B, n-1)
+            guesses = self.greedy_ids(heads(h, cache, self.cfg.n_layers, last + (h.shape[1] - T))).T  # (B, n-1)
         else:
             guesses = next_ids[:, None][:, :0]
         cache.advance(x.shape[1])
@@ -252,11 +252,6 @@ class VLM(nn.Module):
         a shortlist's logits and a certificate, the full matmul only for rows it does not certify
         (`argmax_table`, model/argmax.py)."""
         return self.argmax_table()(states.reshape(-1, states.shape[-1])).view(states.shape[:-1])
-
-    @torch.no_grad()
-    def draft_ids(self, states: torch.Tensor) -> torch.Tensor:
-        """The shortlist's argmax, not certified: states (..., D) -> ids (...). For draft heads only."""
-        return self.argmax_table().draft(states.reshape(-1, states.shape[-1])).view(states.shape[:-1])
 
     def argmax_table(self) -> CertifiedArgmax:
         """The unembedding's CertifiedArgmax, rebuilt whenever the weight changes (an optimizer step or a
