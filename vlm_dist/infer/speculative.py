@@ -73,11 +73,11 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
         calls += 1
         row_calls += len(live)
         # one host sync per call: each row's accepted count (at + 1) and its draft tokens
-        host = torch.cat([at[:, None] + 1, draft], dim=1).tolist()
+        host = torch.cat([at[:, None], draft], dim=1).tolist()  # [last accepted position, draft...] per row
         next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
         keep = []
         for r, b in enumerate(live):
-            acc, tokens = host[r][0], host[r][1:]
+            acc, tokens = host[r][0] + 1, host[r][1:]
             for i in range(acc):
                 accepted_at[i] += 1
             finished = False
@@ -91,7 +91,7 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                     break
             if not finished:
                 keep.append(r)
-        cache.crop([l + h[0] for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)
+        cache.crop([l + h[0] + 1 for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)
         draft = next_draft
         if len(keep) < len(live):  # finished rows leave the batch: later calls do not compute them
             live = [live[r] for r in keep]

@@ -95,14 +95,16 @@ class CertifiedArgmax:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (N,) ids: the full vocabulary's argmax of x @ W^T for every row."""
-        x = x.to(self.weight.dtype)
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
         s = F.linear(x, self.table)  # (N, K+1)
         best, arg = s[:, :-1].max(dim=1)
         out = self.ids[arg]
         if self.radius == float("-inf"):
             return out
-        # x . w_j <= x . centre + radius ||x|| for every row j outside the shortlist (+ rounding)
-        certified = best.float() > s[:, -1].float() + self.slack * x.float().norm(dim=1)
+        # x . w_j <= x . centre + radius ||x|| for every row j outside the shortlist (+ rounding); in fp32
+        norm = (x if x.dtype == torch.float32 else x.float()).norm(dim=1)
+        certified = best > torch.add(s[:, -1], norm, alpha=self.slack)  # bf16 logits meet an fp32 bound
         self.rows += x.shape[0]
         if not bool(certified.all()):
             bad = (~certified).nonzero().squeeze(1)

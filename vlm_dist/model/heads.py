@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
-from vlm_dist.model.decoder import Block, KVCache, additive_mask
+from vlm_dist.model.decoder import Block, KVCache
 
 
 class ExtraHeads(nn.Module):
@@ -91,8 +91,9 @@ class FusedHeads:
         S = keys.shape[3]
         q = qkv.view(B * T, m, 3, H, hd).index_select(0, flat)[:, :, 0].transpose(0, 1).reshape(m * B, H, 1, hd)
         ends = torch.tensor(cache.lengths, device=h.device) + at  # (B,): each query's absolute position
-        mask = torch.arange(S, device=h.device)[None, :] <= ends[:, None]  # (B, S): keys up to the query
-        mask = additive_mask(mask, h.dtype)[None, :, None, None].expand(m, B, 1, 1, S).reshape(m * B, 1, 1, S)
+        keys_ok = torch.arange(S, device=h.device) <= ends[:, None]  # (B, S): keys up to the query
+        mask = torch.where(keys_ok, 0.0, float("-inf")).to(h.dtype)  # additive, as SDPA would make it
+        mask = mask[None, :, None, None].expand(m, B, 1, 1, S).reshape(m * B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, keys.reshape(m * B, H, S, hd), values.reshape(m * B, H, S, hd),
                                            attn_mask=mask)  # (m*B, H, 1, hd)
         x = torch.baddbmm(self.out_b, y.reshape(m, B, D), self.out_w) + h.view(B * T, D).index_select(0, flat)  # (m, B, D)
