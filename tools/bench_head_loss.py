@@ -74,8 +74,12 @@ def child(variant: str, preset: str, batch: int, dtype: str, repeats: int, n_fut
     _, targets = make_targets(tokens, mask, cfg.model.n_future)
     h = torch.randn(batch, model.n_image_tokens + L - 1, cfg.model.d_model, generator=g).to(model.lm_head.weight.dtype)
     h.requires_grad_(True)
-    loss_fn = (lambda: model.head_loss(h, targets)["loss"]) if variant == "chunked" else (lambda: plain_head_loss(model, h, targets))
-    if step:  # the whole training step: vision tower, trunk, heads' loss, backward, AdamW update
+    if not step:  # the loss computation alone, from the fixed trunk output h
+        loss_fn = (lambda: model.head_loss(h, targets)["loss"]) if variant == "chunked" else (lambda: plain_head_loss(model, h, targets))
+
+        def after():
+            pass
+    else:  # the whole training step: vision tower, trunk, heads' loss, backward, AdamW update
         if variant == "plain":
             model.head_loss = lambda h, t: {"loss": plain_head_loss(model, h, t)}  # what VLM.forward calls
         size = cfg.model.vision.geometry["image_size"]
@@ -89,9 +93,6 @@ def child(variant: str, preset: str, batch: int, dtype: str, repeats: int, n_fut
 
         def after():
             opt.step()
-    else:
-        def after():
-            pass
     loss_fn().backward()  # warm-up: gradients allocated, kept from here on
     after()
     peaks, times = [], []

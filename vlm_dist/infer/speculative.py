@@ -47,7 +47,6 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     was_training = model.training
     if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
         model.eval()
-    rows = torch.arange(B, device=device)
 
     # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
     # positions exact; the padding beyond them is hidden and overwritten once lengths are per row.

@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
-from vlm_dist.model.argmax import CertifiedArgmax, unembed_argmax  # noqa: F401 (unembed_argmax re-exported)
+from vlm_dist.model.argmax import CertifiedArgmax
 from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads, FusedHeads
 from vlm_dist.model.loss import Unembedding
@@ -210,9 +209,9 @@ class VLM(nn.Module):
         comes next: as given (the prompts' last positions), else the end of the longest accepted prefix
         (draft token i+1 is accepted while it equals head 0's exact argmax after token i: last + 1 tokens
         accepted). next_ids: head 0's exact full-vocabulary argmax there; guesses: the extra heads'
-        argmaxes (certified too: on an untrained model a shortlist-only guess would rarely be right). The extra heads run stacked (`heads`, default
-        `fused_heads()`: pass it in a decoding loop, its check costs a walk over the heads' parameters),
-        and only at `last` for all but their keys and values.
+        argmaxes (certified too: on an untrained model a shortlist-only guess would rarely be right).
+        The extra heads run stacked (`heads`, default `fused_heads()`: pass it in a decoding loop, its
+        check walks the heads' parameters), and only at `last` for all but their keys and values.
         """
         if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
             raise ValueError("pass images on the first step (empty cache) and only then")
