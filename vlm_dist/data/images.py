@@ -171,6 +171,41 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_crop_box(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """torchvision's Resize(size) (shorter side to `size`, bicubic) + CenterCrop(size) as ONE PIL resize:
+    (the resized image's size, the source box whose resize to (size, size) is the crop).
+
+    PIL computes each output pixel's filter from the box origin and the scale, clamping its support to
+    the whole source image, not to the box, so when downscaling a landscape image (a crop in x), resizing
+    the box straight to (size, size) gives the pixels of resize-then-crop but for rounding (a level or
+    two in < 0.1 % of the values; tests/test_data_loader.py), without resampling the columns the crop
+    throws away (model_pixels uses it only there)."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)  # torchvision's _compute_resized_output_size (max_size=None)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))  # CenterCrop's offsets
+    sx, sy = width / new_w, height / new_h
+    return (new_w, new_h), (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def model_pixels(raw: bytes, size: int) -> Image.Image:
+    """JPEG (or other) bytes -> the (size x size) RGB image the vision tower sees, uint8: draft-mode
+    decode (decode_rgb), then open_clip's eval geometry (bicubic Resize(size) + CenterCrop(size)) in one
+    box resize (resize_crop_box). Normalisation is left to a batched tensor op (samples.ImageToTensor)."""
+    img = decode_rgb(raw, size)
+    (new_w, new_h), box = resize_crop_box(img.width, img.height, size)
+    if new_w <= img.width and new_h <= img.height and (new_w, new_h) != img.size and new_h == size:
+        return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    # Otherwise torchvision's two steps as they are: upscaling (an image smaller than the tower's input,
+    # rare), no resize, or a portrait image (a crop in y): PIL's box resize of these differs from
+    # resize-then-crop by up to 10-20 levels (measured on noise; PIL 13), so it is only used for the
+    # landscape and square downscales that it reproduces.
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
 def decode_rgb(raw: bytes, size: int) -> Image.Image:
     """Loader-side decode: JPEG draft mode (DCT scaling) when the image is at least twice the target,
     so a 640x480 COCO image decodes at 320x240 for a 224 tower; then RGB."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import rng_for
-from vlm_dist.data.images import decode_rgb
+from vlm_dist.data.images import model_pixels
 from vlm_dist.text import Example, build_example, collate_examples, get_tokenizer, make_targets
 
 WANTED = frozenset({"jpg", "json", "txt"})
@@ -32,16 +32,32 @@ def wanted_member(fname: str) -> bool:
 
 class ImageToTensor:
     """The model's image input, shared by training and inference so they cannot drift apart:
-    JPEG bytes -> draft-mode decode (decode_rgb) -> open_clip's eval transform -> (3, S, S) float32."""
+    JPEG bytes -> draft-mode decode + open_clip's eval geometry as one box resize (images.model_pixels)
+    -> open_clip's ToTensor + Normalize. `pixels` stops at uint8 so that the loader normalises a whole
+    batch in one tensor op (`normalize`); the float values equal open_clip's eval transform applied to
+    the draft-decoded image (tests/test_data_loader.py)."""
 
     def __init__(self, size: int):
         import open_clip
 
         self.size = size
-        self.transform = open_clip.image_transform(size, is_train=False)
+        self.transform = open_clip.image_transform(size, is_train=False)  # the reference; its mean and std
+        norm = self.transform.transforms[-1]
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
+
+    def pixels(self, raw: bytes) -> torch.Tensor:
+        """(3, S, S) uint8."""
+        img = model_pixels(raw, self.size)
+        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, S, S) uint8 -> float32, contiguous: ToTensor's x / 255 then Normalize's (x - mean) / std,
+        the same float32 operations in the same order, so the values are bit-identical to theirs."""
+        return pixels.contiguous().to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
 
     def __call__(self, raw: bytes) -> torch.Tensor:
-        return self.transform(decode_rgb(raw, self.size))
+        return self.normalize(self.pixels(raw))  # (3, S, S) float32
 
 
 class SamplePreparer:
@@ -78,7 +94,7 @@ class SamplePreparer:
         example, question = self._example(target, question, captions, rng)
         if question is None and kind == "qa":  # the question did not fit: fell back to a caption
             kind, refs = "caption", captions
-        image = self.to_tensor(raw["jpg"])  # (3, H, W) float32
+        image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
         return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
                 "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
 
@@ -109,7 +125,7 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
     mask = F.pad(mask, (0, extra), value=False)
     input_ids, targets = make_targets(tokens, mask, prep.n_future)
     return {
-        "images": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W) float32
+        "images": prep.to_tensor.normalize(torch.stack([s["image"] for s in samples])),  # (B, 3, H, W) float32
         "input_ids": input_ids,  # (B, T) long, T = max_text_len - 1
         "targets": targets,  # (B, n_future, T) long, IGNORE_INDEX where no target
         "keys": [s["key"] for s in samples],
