@@ -42,6 +42,7 @@ from vlm_dist.data.epochs import EpochPlan, Segment, batches_consumed, rng_for
 from vlm_dist.data.index import sample_problem
 from vlm_dist.data.manifest import Shard, resolve_shards
 from vlm_dist.data.samples import SamplePreparer, collate, wanted_member
+from vlm_dist.text import get_tokenizer
 
 
 class ShardMismatchError(RuntimeError):
@@ -207,6 +208,7 @@ def build_loader(cfg: RunConfig, shards: str | list[Shard], *, rank: int, world_
     found = shards if isinstance(shards, list) else resolve_shards(shards)
     plan = EpochPlan(found, n_slots=world_size * streams, micro_batch=micro_batch, seed=seed)
     ds = ShardStream(cfg, plan, rank=rank, n_workers=streams, micro_batch=micro_batch, train=train, seed=seed)
+    get_tokenizer()  # built once here (~0.1 s), so forked DataLoader workers inherit it instead of rebuilding it each epoch
     loader = StreamingLoader(ds, workers)
     loader.stats.update(skipped=sum(s.skipped for s in found), scanned=sum(s.scanned for s in found))
     return loader

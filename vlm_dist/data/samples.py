@@ -15,6 +15,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import rng_for
@@ -51,10 +52,15 @@ class ImageToTensor:
         img = model_pixels(raw, self.size)
         return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3).permute(2, 0, 1)
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalize(self, pixels: torch.Tensor, shared: bool = False) -> torch.Tensor:
         """(..., 3, S, S) uint8 -> float32, contiguous: ToTensor's x / 255 then Normalize's (x - mean) / std,
-        the same float32 operations in the same order, so the values are bit-identical to theirs."""
-        return pixels.contiguous().to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+        the same float32 operations in the same order, so the values are bit-identical to theirs.
+        shared=True writes the result straight into shared memory (as torch's default_collate does in a
+        DataLoader worker), so sending the batch to the main process does not copy it once more."""
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        if shared:
+            out.share_memory_()  # (an empty tensor: nothing to copy yet)
+        return out.copy_(pixels).div_(255).sub_(self.mean).div_(self.std)
 
     def __call__(self, raw: bytes) -> torch.Tensor:
         return self.normalize(self.pixels(raw))  # (3, S, S) float32
@@ -125,7 +131,8 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
     mask = F.pad(mask, (0, extra), value=False)
     input_ids, targets = make_targets(tokens, mask, prep.n_future)
     return {
-        "images": prep.to_tensor.normalize(torch.stack([s["image"] for s in samples])),  # (B, 3, H, W) float32
+        "images": prep.to_tensor.normalize(torch.stack([s["image"] for s in samples]),  # (B, 3, H, W) float32
+                                           shared=get_worker_info() is not None),
         "input_ids": input_ids,  # (B, T) long, T = max_text_len - 1
         "targets": targets,  # (B, n_future, T) long, IGNORE_INDEX where no target
         "keys": [s["key"] for s in samples],
