@@ -367,3 +367,21 @@ def test_tar_writer_bytes_equal_tarfile(tmp_path):
             ref.addfile(info, io.BytesIO(data))
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
     assert w.sha256 == file_sha256(tmp_path / "ref.tar") and w.size == (tmp_path / "ref.tar").stat().st_size
+
+
+def test_resize_gives_torchvision_resize_geometry(tmp_path):
+    """--resize N stores the size torchvision's Resize(N) gives (long side floored: 47x40 -> 37x32, not
+    38x32), so a tower of input N only centre-crops the stored image, where the crop would have been."""
+    import torch
+    from torchvision.transforms import functional as TF
+
+    imgs = tmp_path / "imgs"
+    put(imgs, "1.jpg", encode(photo(1, 47, 40)))
+    put(imgs, "2.jpg", encode(photo(2, 40, 61)))
+    ann = dump(tmp_path / "c.json", coco_captions([(1, "1.jpg"), (2, "2.jpg")], [(1, "a"), (2, "b")]))
+    shard_coco(imgs, [ann], tmp_path / "out", resize=32, **quiet())
+    samples = read_tars(tmp_path / "out")
+    for key, (w, h) in (("000000000001", (47, 40)), ("000000000002", (40, 61))):
+        meta = json.loads(samples[key]["json"])
+        want = TF.resize(torch.zeros(3, h, w), [32]).shape[1:]  # (H, W) torchvision's rule
+        assert (meta["height"], meta["width"]) == tuple(want) and Image.open(io.BytesIO(samples[key]["jpg"])).size == (want[1], want[0])

@@ -36,7 +36,10 @@ cache by every variant alike.
    Interleaved rounds, medians; ratios over naive (target >= 2x). "steady": the loader's rate from its
    first batch to its last (without the per-epoch start-up: workers, shuffle buffer), which a COCO
    epoch of 118k images amortises; for naive and ImageToTensor it is the wall time.
+     loader, 0 workers, --resize 224 shards   the loader on shards written with `shard-coco --resize 224`
+                    (the COCO recipe's, launch/coco_base.sh): smaller JPEGs, decoded whole, then cropped
 3. --parts damage: how many damaged copies of the photos each --verify level rejects (benchlib/damage.py).
+4. --parts pixels: how far each image path's tensors are from the naive one's (benchlib/pixels.py).
 """
 
 from __future__ import annotations
@@ -189,7 +192,8 @@ def before_variant(before: Path, what: str, files: list, shards: Path, micro: in
     return run
 
 
-def loader_variants(cfg, photos: dict, shards: Path, micro: int, before: Path | None = None) -> dict:
+def loader_variants(cfg, photos: dict, shards: Path, micro: int, before: Path | None = None,
+                    shards224: Path | None = None) -> dict:
     """name -> callable returning (images, wall s, CPU s)."""
     import torch
     from PIL import Image
@@ -217,10 +221,10 @@ def loader_variants(cfg, photos: dict, shards: Path, micro: int, before: Path | 
         assert x.shape == (3, size, size)
         return len(files)
 
-    def loader(workers: int):
+    def loader(workers: int, where: Path = shards):
         def run():
             rows: list[dict] = []
-            n, wall, cpu = measured(lambda: rows.append(loader_throughput(cfg, shards, workers, micro)) or rows[0]["images"])
+            n, wall, cpu = measured(lambda: rows.append(loader_throughput(cfg, where, workers, micro)) or rows[0]["images"])
             return n, wall, cpu, steady_seconds(rows[0], n)
         return run
 
@@ -228,6 +232,8 @@ def loader_variants(cfg, photos: dict, shards: Path, micro: int, before: Path | 
     variants = {name: (lambda fn=fn: (*measured(fn), None)) for name, fn in
                 {"naive PIL + torchvision": naive, "ImageToTensor (draft decode)": itt}.items()}
     variants.update({"loader, 0 workers": loader(0), "loader, 1 worker": loader(1)})
+    if shards224 is not None:
+        variants["loader, 0 workers, --resize 224 shards"] = loader(0, shards224)
     if before is not None:
         variants["ImageToTensor (before)"] = before_variant(before, "itt", files, shards, micro)
         variants["loader, 0 workers (before)"] = before_variant(before, "loader", files, shards, micro)
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds per part. Default: %(default)s")
     p.add_argument("--shard-size", type=int, default=50, help="shard-coco --shard-size for every variant. Default: %(default)s")
     p.add_argument("--micro", type=int, default=16, help="Loader micro-batch. Default: %(default)s")
-    p.add_argument("--parts", default="shard,loader,damage", help="shard, loader, damage (comma-separated). "
+    p.add_argument("--parts", default="shard,loader,damage,pixels", help="shard, loader, damage, pixels (comma-separated). "
                    "Default: %(default)s")
     p.add_argument("--before", type=Path, help="A source tree of older code (git archive COMMIT | tar x -C DIR): "
                    "its shard-coco, ImageToTensor and loader run side by side, marked (before).")
@@ -303,8 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
         from benchlib.loader_bench import make_photo_shards
 
         cfg = load_config("base", ["model.vision.pretrained=null", "model.vision.allow_random_frozen=true"])
+        from vlm_dist.data.shard import shard_coco
+
         shards = make_photo_shards(work, args.photos, workers=2, shard_size=args.shard_size)["shards"]
-        runs = interleave(loader_variants(cfg, photos, shards, args.micro, args.before), args.rounds, log)
+        shards224 = work / "shards224"
+        shard_coco(photos["images"], [photos["ann"]], shards224, shard_size=args.shard_size, resize=224, workers=2,
+                   progress=False, log=lambda m: None)
+        runs = interleave(loader_variants(cfg, photos, shards, args.micro, args.before, shards224), args.rounds, log)
         result["loader"] = runs
         lines += table(runs, "pipeline (1 thread)", ["naive PIL + torchvision"], alt="steady") + [""]
     if "damage" in args.parts:
@@ -312,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         damage_lines, result["damage"] = damage_table(photos["files"], args.damage_copies)
         lines += damage_lines + [""]
+    if "pixels" in args.parts:
+        from benchlib.pixels import pixel_table
+
+        pixel_lines, result["pixels"] = pixel_table(photos["files"][:100], 224)
+        lines += pixel_lines + [""]
     env["load_end"] = os.getloadavg()
     env["wall_s"] = time.perf_counter() - t0
     lines.append(f"load average {env['load_start'][0]:.2f} at start, {env['load_end'][0]:.2f} at end; {env['wall_s']:.0f} s")

@@ -154,8 +154,10 @@ def check_image(raw: bytes, name: str = "", resize: int | None = None, verify: s
         reasons.append(f"{MODE_NAMES.get(mode, mode)} ({mode}) -> RGB")
     img = _to_rgb(img)
     if needs_resize:
-        scale = resize / min(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        # The size torchvision's Resize(resize) gives the original (long side floored), so that for a tower of
+        # input `resize` the loader's own Resize is a no-op and its centre crop falls where it would have.
+        (new_w, new_h), _ = resize_crop_box(w, h, resize)
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=JPEG_QUALITY)
     return CheckedImage(buf.getvalue(), img.width, img.height, w, h, "; ".join(reasons) or None, needs_resize)
