@@ -144,9 +144,9 @@ def test_losses_read_only_on_logging_steps_and_logged_values_unchanged(one_rank,
         read_at: list[int] = []
         real = loop.reduce_losses
 
-        def counted(run_, head_losses):
+        def counted(run_, head_losses, host=()):
             read_at.append(run_.state.step + 1)
-            return real(run_, head_losses)
+            return real(run_, head_losses, host)
         monkeypatch.setattr(loop, "reduce_losses", counted)
         cfg = load_config("tiny", [f"data.train_shards={one_rank / 'train'}", "train.max_steps=6", "train.save_every=100",
                                    f"log.log_every={every}", "log.grad_stats_every=100", "log.tensorboard=false"])

@@ -179,8 +179,9 @@ class StreamingLoader:
         if self.num_workers == 0:
             it = iter(ds)
         else:
+            # Pinned batches (on a GPU host) let the trainer's non_blocking copies overlap the step.
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                 persistent_workers=False, prefetch_factor=2))
+                                 persistent_workers=False, prefetch_factor=2, pin_memory=torch.cuda.is_available()))
         self.stats.update(epoch=ds.epoch, batches=0, samples=0, pad_samples=0, truncated=0, qa=0)
         for batch in it:
             st = self.stats

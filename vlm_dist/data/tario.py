@@ -54,6 +54,8 @@ def _member_info(name: str) -> tarfile.TarInfo:
 
 
 _TEMPLATE = _member_info("").tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+# The template's byte sum outside the name, size and checksum fields (+ 8 spaces for the checksum field).
+_BASE_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * 32 + sum(_TEMPLATE[156:])
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -67,10 +69,10 @@ def member_header(name: str, size: int) -> bytes:
         info = _member_info(name)
         info.size = size
         return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
-    head = bytearray(raw.ljust(100, tarfile.NUL) + _TEMPLATE[100:124] + b"%011o\0" % size + _TEMPLATE[136:148]
-                     + b" " * 8 + _TEMPLATE[156:])
-    head[148:155] = b"%06o\0" % sum(head)  # the checksum, summed with its own field as spaces
-    return bytes(head)
+    size_field = b"%011o\0" % size
+    checksum = _BASE_SUM + sum(raw) + sum(size_field)  # the header's byte sum, its checksum field as spaces
+    return (raw.ljust(100, tarfile.NUL) + _TEMPLATE[100:124] + size_field + _TEMPLATE[136:148]
+            + b"%06o\0 " % checksum + _TEMPLATE[156:])
 
 
 class TarWriter:

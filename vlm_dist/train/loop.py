@@ -90,11 +90,14 @@ def losses_due(run: Run, step: int) -> bool:
             or run.skipped_in_a_row + 1 >= cfg.train.max_skipped_in_a_row or run.engine.zero_stage == 0)
 
 
-def reduce_losses(run: Run, head_losses: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(per-head losses (n,) float64, weighted loss), averaged over the ranks: the host sync of the step."""
-    summed = all_reduce_sum((head_losses / run.accum).double(), run.info.device)  # (n,) float64, on the host
-    heads = summed / run.info.world_size
-    return heads, float(torch.tensor(run.cfg.model.head_weights, dtype=torch.float64) @ heads)
+def reduce_losses(run: Run, head_losses: torch.Tensor, host: list[float] = ()) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(per-head losses (n,) float64 and the weighted loss, averaged over the ranks; the `host` numbers
+    summed over the ranks), in one all-reduce: the host sync of the step."""
+    n = head_losses.numel()
+    extra = torch.tensor(list(host), dtype=torch.float64, device=head_losses.device)
+    summed = all_reduce_sum(torch.cat([(head_losses / run.accum).double(), extra]), run.info.device)  # on the host
+    heads = summed[:n] / run.info.world_size
+    return heads, float(torch.tensor(run.cfg.model.head_weights, dtype=torch.float64) @ heads), summed[n:]
 
 
 def train_step(run: Run, batches) -> dict[str, float]:
@@ -113,9 +116,13 @@ def train_step(run: Run, batches) -> dict[str, float]:
         head_losses = head_losses + forward_backward(run, batch)  # (n,) float32 on the device
         if i < run.accum - 1:
             engine.step()  # no-op inside the accumulation window
-    # Every rank, before the update: the step's counts and any stop request, in one host all-reduce.
-    counts = all_reduce_sum_host([tokens, flops, float(run.stop.requested())])
-    heads, loss = reduce_losses(run, head_losses) if read_losses else (None, None)
+    # Every rank, before the update: the step's counts and any stop request in one all-reduce, over gloo
+    # (no device sync), or with the losses when this step reads them (one collective either way).
+    host = [tokens, flops, float(run.stop.requested())]
+    if read_losses:
+        heads, loss, counts = reduce_losses(run, head_losses, host)
+    else:
+        heads, loss, counts = None, None, all_reduce_sum_host(host)
     with run.timer("observe"):
         run.grads.before_step(state.step + 1, run.log, engine.loss_scale())
         bad_layer = None
@@ -133,7 +140,7 @@ def train_step(run: Run, batches) -> dict[str, float]:
     run.skipped_in_a_row = 0 if applied else run.skipped_in_a_row + 1
     state.skipped_steps += not applied
     if not applied and heads is None:  # every rank skipped it: all read the losses, for the warning and the log
-        heads, loss = reduce_losses(run, head_losses)
+        heads, loss, _ = reduce_losses(run, head_losses)
     if not applied:
         on_skipped_step(run, loss, bad_layer)
     elif loss is not None and not math.isfinite(loss):  # an engine without an overflow check (no ZeRO) applied it
