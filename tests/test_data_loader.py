@@ -75,7 +75,7 @@ def test_round_trip_two_ranks_two_workers_every_image_once(demo):
     kinds = flat(per_rank[0] + per_rank[1], "kinds")
     assert 0.3 < kinds.count("qa") / len(kinds) < 0.7  # qa_fraction = 0.5
     for b in per_rank[0] + per_rank[1]:
-        assert b["images"].shape == (4, 3, 32, 32) and b["images"].dtype == torch.float32
+        assert b["images"].shape == (4, 3, 32, 32) and b["images"].dtype == torch.uint8
         assert b["input_ids"].shape == (4, 23) and b["targets"].shape == (4, 2, 23)
         validate_targets(b["input_ids"], b["targets"], tok.vocab_size)
         for j, (iid, kind, q, refs) in enumerate(zip(b["image_ids"], b["kinds"], b["questions"], b["references"])):
@@ -253,7 +253,7 @@ def test_image_path_matches_open_clip_transform():
     a level of rounding in < 0.1 % of the values for landscape downscales; collate's batched
     normalisation is bit-identical to the per-image one."""
     from vlm_dist.data.images import decode_rgb
-    from vlm_dist.data.samples import ImageToTensor
+    from vlm_dist.data.samples import ImageToTensor, normalize_images
 
     itt = ImageToTensor(32)
     level = 1 / 255 / itt.std.min().item()  # one uint8 level, normalised (the largest of the 3 channels)
@@ -268,5 +268,5 @@ def test_image_path_matches_open_clip_transform():
         else:
             assert torch.equal(got, ref), (w, h)
     raws = [photo_jpeg(80, 60, k) for k in range(3)]
-    stacked = itt.normalize(torch.stack([itt.pixels(r) for r in raws]))  # what collate does
+    stacked = normalize_images(torch.stack([itt.pixels(r) for r in raws]), 32)  # collate + the trainer
     assert torch.equal(stacked, torch.stack([itt(r) for r in raws])) and stacked.is_contiguous()

@@ -6,7 +6,8 @@
         for batch in loader:     # exactly loader.batches_per_epoch - k batches, on every rank
             ...
 
-A batch is a dict: images float32 (B, 3, H, W); input_ids long (B, T) with T = max_text_len - 1;
+A batch is a dict: images uint8 (B, 3, H, W), the tower's crop (samples.normalize_images makes them
+its float input; the trainer does it on the device); input_ids long (B, T) with T = max_text_len - 1;
 targets long (B, n_future, T); keys, image_ids, kinds ("caption" | "qa"), questions (str | None),
 references (all captions of the image, or [answer]) as lists; is_pad bool (B,) marks padding repeats
 (exclude them from evaluation); truncated bool (B,) marks cut targets.

@@ -24,6 +24,7 @@ from dataclasses import asdict
 import torch
 
 from vlm_dist.config import RunConfig
+from vlm_dist.data.samples import normalize_images
 from vlm_dist.observe.flops import memory_metrics, throughput_metrics, train_flops
 from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
@@ -47,8 +48,11 @@ class Preempted(RuntimeError):
 
 def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = run.info.device
-    # The engine casts the module to bf16/fp16, not the inputs: images must follow; token ids stay integer.
-    return (batch["images"].to(dev, run.engine.dtype, non_blocking=True), batch["input_ids"].to(dev, non_blocking=True),
+    # Images travel as uint8 (a quarter of float32's bytes) and are normalised on the device, in float32 as
+    # open_clip's transform does; the engine casts the module to bf16/fp16, not the inputs: images must
+    # follow. Token ids stay integer.
+    images = normalize_images(batch["images"].to(dev, non_blocking=True), run.cfg.model.vision.geometry["image_size"])
+    return (images.to(run.engine.dtype), batch["input_ids"].to(dev, non_blocking=True),
             batch["targets"].to(dev, non_blocking=True))
 
 
@@ -212,7 +216,7 @@ def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | 
             sums[2 + 2 * k] += int(((pred[:, k] == targets[:, k]) & valid[:, k]).sum())
             sums[3 + 2 * k] += int(valid[:, k].sum())
         if recorder is not None:
-            recorder.add(batch["images"], targets, pred, keep)
+            recorder.add(normalize_images(batch["images"], images.shape[-1]), targets, pred, keep)  # float32, host
     engine.train()
     extra = recorder.position_counts() if recorder is not None else torch.zeros(0, dtype=torch.float64)
     total = all_reduce_sum(torch.cat([sums, extra.flatten()]), run.info.device)
