@@ -47,6 +47,7 @@ class ImageToTensor:
         norm = self.transform.transforms[-1]
         self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pixels(self, raw: bytes) -> torch.Tensor:
         """(3, S, S) uint8."""
@@ -57,8 +58,11 @@ class ImageToTensor:
         """(..., 3, S, S) uint8, on any device -> float32, contiguous: ToTensor's x / 255 then Normalize's
         (x - mean) / std, the same float32 operations in the same order, so the values are bit-identical
         to theirs (the trainer runs this on the device: train/loop.py to_device)."""
+        if pixels.device not in self._on_device:  # copied once: a host -> GPU copy each step would wait for the GPU
+            self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
+        mean, std = self._on_device[pixels.device]
         out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
-        return out.copy_(pixels).div_(255).sub_(self.mean.to(pixels.device)).div_(self.std.to(pixels.device))
+        return out.copy_(pixels).div_(255).sub_(mean).div_(std)
 
     def __call__(self, raw: bytes) -> torch.Tensor:
         return self.normalize(self.pixels(raw))  # (3, S, S) float32
