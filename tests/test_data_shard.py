@@ -87,7 +87,7 @@ def test_official_coco_captions_keep_original_bytes(tmp_path):
     assert (meta["width"], meta["height"], meta["image_id"]) == (48, 40, 1)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["samples"] for s in manifest["shards"]] == [2, 1] and manifest["totals"]["samples"] == 3
-    assert manifest["options"] == {"shard_size": 2, "resize": None}
+    assert manifest["options"] == {"shard_size": 2, "resize": None, "verify": "header"}
     assert json.loads((tmp_path / "out" / "00001_stats.json").read_text())["samples"] == 1
 
 
@@ -280,7 +280,7 @@ def test_cli_help_explains_every_option_and_the_tool_wrapper_works(tmp_path):
     runner = CliRunner()
     commands = typer.main.get_command(app).commands
     for cmd, options in [("shard-coco", {"--images", "--ann", "--out", "--vqa-questions", "--vqa-annotations",
-                                         "--split", "--shard-size", "--resize", "--workers", "--progress"}),
+                                         "--split", "--shard-size", "--resize", "--workers", "--verify", "--progress"}),
                          ("demo-data", {"--out", "--train", "--val", "--seed", "--image-size", "--shard"})]:
         params = {p.opts[0]: p for p in commands[cmd].params}
         assert options <= set(params)
@@ -292,3 +292,96 @@ def test_cli_help_explains_every_option_and_the_tool_wrapper_works(tmp_path):
                            "--out", str(tmp_path / "out"), "--no-progress"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "images written   3" in proc.stdout and (tmp_path / "out" / "train-00000.tar").is_file()
+
+
+def jpeg_with_thumbnail_marker(seed: int) -> bytes:
+    """A real RGB JPEG with an APP1 segment holding the bytes FFD9 (as an EXIF thumbnail's end does)
+    before the scan: a cut-short copy must still be caught although FFD9 occurs in the file."""
+    good = encode(photo(seed, 64, 48))
+    payload = b"Exif\0\0" + b"\xff\xd8thumb\xff\xd9"
+    return good[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + good[2:]
+
+
+@pytest.mark.parametrize("verify", ["full", "header", "none"])
+def test_verify_levels_report_and_count_damaged_files(tmp_path, verify):
+    """Every damaged file is a counted, reported reject at full and header (the default); at none,
+    zero-byte and non-image files still are, and cut-short JPEGs are written (documented)."""
+    good, thumb = encode(photo(1, 64, 48)), jpeg_with_thumbnail_marker(2)
+    files = {1: good, 2: thumb, 3: good + b"\0" * 7 + b"trailer",  # bytes after EOI: kept, as libjpeg allows
+             4: good[: len(good) - 2],  # end-of-image marker cut off
+             5: good[: len(good) * 2 // 3],  # cut inside the scan data
+             6: thumb[: len(thumb) - 40],  # cut short, FFD9 still present inside the APP1 segment
+             7: good[:40],  # cut inside the headers
+             8: b"GIF89a not really", 9: b"", 10: b"\xff\xd8" + bytes(100)}
+    imgs = tmp_path / "imgs"
+    for i, data in files.items():
+        put(imgs, f"{i}.jpg", data)
+    ann = dump(tmp_path / "c.json", coco_captions([(i, f"{i}.jpg") for i in files], [(i, f"pic {i}") for i in files]))
+    out = tmp_path / "out"
+    summary = shard_coco(imgs, [ann], out, verify=verify, **quiet())
+    rejects = {r["image_id"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    written = sorted(int(k) for k in read_tars(out))
+    assert summary["samples"] == len(written) and summary["rejected"] == len(rejects) == len(files) - len(written)
+    assert summary["verify"] == verify and json.loads((out / "manifest.json").read_text())["options"]["verify"] == verify
+    assert rejects[8] == "unreadable_image" and rejects[9] == "empty_file"  # at every level
+    assert read_tars(out)["000000000003"]["jpg"] == files[3]  # kept as is, trailer included
+    if verify == "none":
+        assert written == [1, 2, 3, 4, 5, 6]  # only the header is read: cut-short files go through
+        return
+    assert written == [1, 2, 3]
+    assert {i: rejects[i] for i in (4, 5, 6)} == {4: "truncated_image", 5: "truncated_image", 6: "truncated_image"}
+    assert rejects[7] in ("truncated_image", "corrupt_image") and rejects[10] == "unreadable_image"
+    assert summary["captions"] + summary["rejected"] == summary["captions_read"] == len(files)
+
+
+def test_verify_level_is_part_of_the_plan_and_checked(tmp_path):
+    imgs, ann = many_images(tmp_path, n=4)
+    out = tmp_path / "out"
+    shard_coco(imgs, [ann], out, shard_size=2, verify="none", **quiet())
+    assert shard_coco(imgs, [ann], out, shard_size=2, verify="none", **quiet())["shards_kept"] == 2
+    again = shard_coco(imgs, [ann], out, shard_size=2, verify="full", **quiet())  # stricter: recheck all
+    assert again["shards_kept"] == 0 and again["samples"] == 4
+    with pytest.raises(ShardError, match="--verify 'fast': use one of full, header, none"):
+        shard_coco(imgs, [ann], out, verify="fast", **quiet())
+    res = CliRunner().invoke(app, ["shard-coco", "--images", str(imgs), "--ann", str(ann), "--out", str(out),
+                                   "--no-progress", "--verify", "fast"])
+    assert res.exit_code == 2 and "use one of full, header, none" in res.output
+
+
+def test_tar_writer_bytes_equal_tarfile(tmp_path):
+    """TarWriter writes its headers itself (no tarfile.addfile): the bytes must be tarfile's, for
+    names on the fast path and for those it hands to tarfile (over 100 bytes, non-ASCII)."""
+    import tarfile as tf
+
+    from vlm_dist.data.tario import TarWriter, _member_info, file_sha256
+
+    members = [("000000000001.jpg", encode(photo(3))), ("000000000001.json", b'{"a": 1}'),
+               ("000000000001.txt", b""), ("d" * 30 + "/" + "x" * 90 + ".txt", b"long name"), ("z\u00e9.txt", b"x" * 512)]
+    with TarWriter(tmp_path / "ours.tar") as w:
+        for name, data in members:
+            w.add(name, data)
+    with tf.open(tmp_path / "ref.tar", "w", format=tf.USTAR_FORMAT) as ref:
+        for name, data in members:
+            info = _member_info(name)
+            info.size = len(data)
+            ref.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert w.sha256 == file_sha256(tmp_path / "ref.tar") and w.size == (tmp_path / "ref.tar").stat().st_size
+
+
+def test_resize_gives_torchvision_resize_geometry(tmp_path):
+    """--resize N stores the size torchvision's Resize(N) gives (long side floored: 47x40 -> 37x32, not
+    38x32), so a tower of input N only centre-crops the stored image, where the crop would have been."""
+    import torch
+    from torchvision.transforms import functional as TF
+
+    imgs = tmp_path / "imgs"
+    put(imgs, "1.jpg", encode(photo(1, 47, 40)))
+    put(imgs, "2.jpg", encode(photo(2, 40, 61)))
+    ann = dump(tmp_path / "c.json", coco_captions([(1, "1.jpg"), (2, "2.jpg")], [(1, "a"), (2, "b")]))
+    shard_coco(imgs, [ann], tmp_path / "out", resize=32, **quiet())
+    samples = read_tars(tmp_path / "out")
+    for key, (w, h) in (("000000000001", (47, 40)), ("000000000002", (40, 61))):
+        meta = json.loads(samples[key]["json"])
+        want = TF.resize(torch.zeros(3, h, w), [32]).shape[1:]  # (H, W) torchvision's rule
+        assert (meta["height"], meta["width"]) == tuple(want) and Image.open(io.BytesIO(samples[key]["jpg"])).size == (want[1], want[0])

@@ -132,3 +132,34 @@ def test_plain_torch_engine_resumes_through_the_checkpoint_protocol(one_rank, tm
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 7))
     assert all(abs(whole[s] - resumed[s]) <= 1e-6 for s in whole), (whole, resumed)
+
+
+def test_losses_read_only_on_logging_steps_and_logged_values_unchanged(one_rank, tmp_path, monkeypatch):
+    """With log_every=4 the step reads its losses on the host (reduce_losses, the step's one device
+    sync) only at steps 4 and 6 (the last), and logs there exactly what a log_every=1 run logs."""
+    from tests.helpers import metrics
+    from vlm_dist.train import loop
+
+    def run_logging(run_dir: Path, every: int) -> list[int]:
+        read_at: list[int] = []
+        real = loop.reduce_losses
+
+        def counted(run_, head_losses, host=()):
+            read_at.append(run_.state.step + 1)
+            return real(run_, head_losses, host)
+        monkeypatch.setattr(loop, "reduce_losses", counted)
+        cfg = load_config("tiny", [f"data.train_shards={one_rank / 'train'}", "train.max_steps=6", "train.save_every=100",
+                                   f"log.log_every={every}", "log.grad_stats_every=100", "log.tensorboard=false"])
+        opts = RunOptions(ds="ds_configs/zero2.json", run_dir=str(run_dir),
+                          ds_overrides=["bf16.enabled=false", "train_micro_batch_size_per_gpu=4"])
+        train(cfg, opts)
+        return read_at
+
+    assert run_logging(tmp_path / "every1", 1) == [1, 2, 3, 4, 5, 6]
+    assert run_logging(tmp_path / "every4", 4) == [4, 6]
+    every1 = {r["step"]: r for r in metrics(tmp_path / "every1") if r["split"] == "train"}
+    every4 = {r["step"]: r for r in metrics(tmp_path / "every4") if r["split"] == "train"}
+    assert sorted(every4) == [4, 6]
+    for step in (4, 6):
+        for key in ("loss", "loss_head0", "loss_head1", "grad_norm", "lr"):
+            assert every4[step][key] == every1[step][key], (step, key)

@@ -160,8 +160,11 @@ def test_changed_micro_batch_is_refused(shards, reference, tmp_path):
 
 def test_nonfinite_step_is_skipped_on_all_ranks(shards, tmp_path):
     run = tmp_path / "run"
-    run_ranks(common(shards, run, "--save-every", "1"), 2, VLM_DIST_INJECT_NAN="3:1")  # rank 1's batch only
+    # log_every 4: step 3 does not log, so its losses are read only once the engine has skipped it.
+    run_ranks(common(shards, run, "--save-every", "1", "--set", "log.log_every=4"), 2,
+              VLM_DIST_INJECT_NAN="3:1")  # rank 1's batch only
     recs = {r["step"]: r for r in metrics(run)}
+    assert sorted(recs) == [3, 4, 8, STEPS]  # the skipped step logs too
     assert recs[3]["skipped"] == 1.0 and recs[3]["loss"] == "nan"
     assert recs[STEPS]["skipped_steps"] == 1.0 and all(recs[s]["skipped"] == 0.0 for s in recs if s != 3)
 
@@ -176,7 +179,8 @@ def test_nonfinite_step_is_skipped_on_all_ranks(shards, tmp_path):
 
 def test_nonfinite_steps_in_a_row_stop_the_run(shards, tmp_path):
     run = tmp_path / "run"
-    out = run_ranks(common(shards, run), 2, expect=2, VLM_DIST_INJECT_NAN="3:0,4:0,5:0")
+    # log_every 4: step 5 does not log, but its loss is read before the update (the third in a row).
+    out = run_ranks(common(shards, run, "--set", "log.log_every=4"), 2, expect=2, VLM_DIST_INJECT_NAN="3:0,4:0,5:0")
     text = "".join(r.stdout for r in out)
     assert text.count("error: 3 step(s) in a row up to step 5 had non-finite gradients") == 1
     assert "first layer whose gradient went non-finite: vision" in text

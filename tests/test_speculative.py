@@ -155,3 +155,16 @@ def test_cache_after_rejection_equals_cache_of_accepted_prefix():
             torch.testing.assert_close(cache.v[:, b, :, :L], direct.v[:, 0, :, :L], atol=1e-5, rtol=1e-5)
             for s, r in zip(states, ref):
                 torch.testing.assert_close(s[b, -1], r[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_certificate_holds_on_a_trained_model(trained4):
+    """On a trained model the shortlist certifies (nearly) every argmax: greedy and speculative decoding
+    pay for the full vocabulary's matmul only where the certificate fails (model/argmax.py)."""
+    table = trained4.argmax_table()
+    rows, fallback = table.rows, table.fallback_rows
+    images = class_images([0, 1, 2, 1], noise=0.1, seed=5)
+    prompts = [prompt_tokens(tok)] * 4
+    assert speculative_generate_batch(trained4, images, prompts, 30)[0] == generate(trained4, images, prompts, 30)
+    assert trained4.argmax_table() is table and table.rows - rows > 50
+    assert table.fallback_rows - fallback <= 0.1 * (table.rows - rows)
+    assert table.size < trained4.vocab_size // 10  # a real shortlist

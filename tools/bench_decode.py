@@ -4,6 +4,7 @@
     python tools/bench_decode.py --model runs/demo/export --shards data/demo/shards/val
     python tools/bench_decode.py --model runs/quick4 --scenes 32 --base      # + the base-width projection
     python tools/bench_decode.py --cache-table                               # cached vs uncached greedy
+    python tools/bench_decode.py --model runs/demo/export --profile          # where a step's / a call's time goes
 
 1. Trained model (--model, an export folder), per thread count (--threads) and batch size (--batches):
    greedy as before issue 9 (lm_head logits then argmax), greedy (`generate`, temperature 0: one
@@ -34,9 +35,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def timed(fn, cpu: list | None = None) -> float:
+    """Wall seconds of fn(); its process CPU seconds appended to `cpu` (at 1 thread, CPU time is what
+    the run itself used, less disturbed than wall time when other processes share the cores)."""
+    c, t = time.process_time(), time.perf_counter()
     fn()
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
     return time.perf_counter() - t
 
 
@@ -82,20 +87,24 @@ def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) 
 
     prompt = prompt_tokens(get_tokenizer())
     batches = [images[i : i + B] for i in range(0, len(images), B)]
-    g_t, s_t, l_t = [], [], []
+    g_t, s_t, l_t, g_c, s_c = [], [], [], [], []
+    table = model.argmax_table()
+    rows0, fallback0 = table.rows, table.fallback_rows
     for _ in range(repeats):
         greedy, spec, legacy = [], [], []
         l_t.append(timed(lambda: [legacy.extend(legacy_greedy(model, b, prompt, new_tokens)) for b in batches]))
-        g_t.append(timed(lambda: [greedy.extend(generate(model, b, [prompt] * len(b), new_tokens)) for b in batches]))
+        g_t.append(timed(lambda: [greedy.extend(generate(model, b, [prompt] * len(b), new_tokens)) for b in batches], g_c))
         s_t.append(timed(lambda: [spec.append(speculative_generate_batch(model, b, [prompt] * len(b), new_tokens))
-                                  for b in batches]))
+                                  for b in batches], s_c))
     rows = [r for out, _ in spec for r in out]
     stats = merge_stats([s for _, s in spec])
     tokens = sum(map(len, greedy))
     return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy,
             "legacy_tps": tokens / statistics.median(l_t), "greedy_tps": tokens / statistics.median(g_t),
             "spec_tps": stats["tokens"] / statistics.median(s_t), "speedup": statistics.median(g_t) / statistics.median(s_t),
-            "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"]}
+            "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"],
+            "cpu_speedup": statistics.median(g_c) / statistics.median(s_c),
+            "fallback": (table.fallback_rows - fallback0) / max(table.rows - rows0, 1)}
 
 
 def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
@@ -107,13 +116,55 @@ def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
     size = model.cfg.vision.geometry["image_size"]
     images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0))
     prompts = [prompt_tokens(get_tokenizer())] * B
-    g_t, s_t, stats = [], [], []
+    g_t, s_t, stats, outs = [], [], [], []
     for _ in range(repeats):
-        g_t.append(timed(lambda: generate(model, images, prompts, new_tokens)))
+        g_t.append(timed(lambda: outs.append(generate(model, images, prompts, new_tokens))))
         s_t.append(timed(lambda: stats.append(speculative_generate_batch(model, images, prompts, new_tokens)[1])))
-    calls = stats[0]["calls"]
-    return {"greedy_step_s": statistics.median(g_t) / new_tokens, "spec_call_s": statistics.median(s_t) / calls,
+    calls, steps = stats[0]["calls"], max(map(len, outs[0]))  # steps: new_tokens unless every row ended early
+    return {"greedy_step_s": statistics.median(g_t) / steps, "spec_call_s": statistics.median(s_t) / calls,
             "spec_calls": calls}
+
+
+@torch.no_grad()
+def profile_calls(model, images: torch.Tensor, B: int, calls: int = 100, top: int = 10) -> None:
+    """torch.profiler over `calls` greedy steps and `calls` verify calls (batch B, the model's caption
+    prompt, a fixed 4-token draft, the cache cropped back after each): wall time per call and the ops
+    with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlm_dist.text import get_tokenizer, prompt_tokens
+
+    prompt = torch.tensor([prompt_tokens(get_tokenizer())] * B)
+    images = images[:B]
+    greedy_cache = model.new_cache(B)
+    model.step_states(prompt, greedy_cache, images=images, next_token_only=True)
+    g_len, tok = greedy_cache.lengths[0], torch.full((B, 1), 320)
+    spec_cache, heads = model.new_cache(B, model.cfg.max_seq_len + model.cfg.n_future), model.fused_heads()
+    model.verify_step(prompt, spec_cache, images=images, last=torch.full((B,), prompt.shape[1] - 1), heads=heads)
+    s_len, draft = spec_cache.lengths[0], torch.tensor([[320, 2442, 736, 7117][: model.cfg.n_future]] * B)
+
+    def greedy_step():
+        greedy_cache.crop(g_len)
+        return model.greedy_ids(model.step_states(tok, greedy_cache, next_token_only=True)[0][:, -1])
+
+    def verify_call():
+        spec_cache.crop(s_len)
+        return model.verify_step(draft, spec_cache, heads=heads)
+
+    for name, fn in (("greedy step", greedy_step), ("verify call", verify_call)):
+        for _ in range(20):
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            wall = (time.perf_counter() - t) / calls
+        ops = prof.key_averages()
+        self_us = sum(e.self_cpu_time_total for e in ops) / calls
+        print(f"\n{name}, batch {B}: {1e6 * wall:.0f} us per call under the profiler, ops' self time {self_us:.0f} us, "
+              f"{sum(e.count for e in ops) / calls:.0f} ops per call\n| op | self us per call | calls per call |\n|---|---|---|")
+        for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]:
+            print(f"| {e.key} | {e.self_cpu_time_total / calls:.1f} | {e.count / calls:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the trained model's inference dtype (part 1)")
     p.add_argument("--base", action="store_true", help="also the base-width call costs and projected speed-up")
     p.add_argument("--cache-table", action="store_true", help="also cached vs uncached greedy (random demo weights)")
+    p.add_argument("--profile", action="store_true", help="only profile one greedy step and one verify call per --batches (1 thread)")
     args = p.parse_args(argv)
     from vlm_dist.config import load_config
     from vlm_dist.model import VLM
@@ -136,38 +189,49 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         from vlm_dist.infer.load import load_exported
 
-        model, cfg = load_exported(args.model)
+        model, cfg = load_exported(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         images = load_images(model, args.shards, args.scenes)
-        print(f"\n{args.model} (n_future={cfg.n_future}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
-              "| threads | batch | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up | tokens/call | "
-              "accepted per draft position | identical |\n|---|---|---|---|---|---|---|---|---|")
+        if args.profile:
+            torch.set_num_threads(1)
+            for B in args.batches:
+                profile_calls(model, images, B)
+            return
+        print(f"\n{args.model} (n_future={cfg.n_future}, {args.dtype}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
+              "| threads | batch | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up (wall) | speed-up (CPU time) | "
+              "tokens/call | accepted per draft position | identical | uncertified argmax rows |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for threads in args.threads:
             torch.set_num_threads(threads)
             for B in args.batches:
                 r = results[threads, B] = compare(model, images, B, args.new_tokens, args.repeats)
                 acc = " ".join(f"{a:.2f}" for a in r["accepted"])
                 print(f"| {threads} | {B} | {r['legacy_tps']:.0f} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | {r['speedup']:.2f}x | "
-                      f"{r['tokens_per_call']:.2f} | {acc} | {r['identical']} |", flush=True)
+                      f"{r['cpu_speedup']:.2f}x | {r['tokens_per_call']:.2f} | {acc} | {r['identical']} | {r['fallback']:.1%} |", flush=True)
     if args.base and results:
         widths = {"demo (random weights)": load_config("demo", ["model.n_future=4"]).model,
-                  "base 24x768 (random weights)": load_config("base", ["model.vision.model_name=vlm-tiny-vit",
+                  "base 24x768 (random weights)": load_config("base", ["model.vision.model_name=vlm-tiny-vit", "model.vision.freeze=false",
                                                                       "model.vision.pretrained=null"]).model}
-        print("\nprice of a call (random weights), projected speed-up = tokens/call (trained, above) x greedy step / call\n"
-              "| decoder | threads | batch | greedy step ms | speculative call ms | call / step | projected speed-up | measured (trained demo) |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print("\nprice of a call (random weights), projected speed-up = tokens/call (trained, above) x greedy step / call.\n"
+              "argmax 'full': random weights fail the certificate, every argmax row falls back to the full matmul;\n"
+              "'certified': the certificate's checks run but every row counts as certified (timing only: the trained\n"
+              "demo model certifies all its rows, a trained base model is assumed to)\n"
+              "| decoder | argmax | threads | batch | greedy step ms | speculative call ms | call / step | projected speed-up | measured (trained demo) |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for name, mcfg in widths.items():
             torch.manual_seed(0)
             m = VLM(mcfg).eval()
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                for B in args.batches:
-                    c = call_costs(m, B, args.new_tokens, args.repeats)
-                    r = results.get((threads, B))
-                    ratio = c["spec_call_s"] / c["greedy_step_s"]
-                    proj = f"{r['tokens_per_call'] / ratio:.2f}x" if r else "-"
-                    meas = f"{r['speedup']:.2f}x" if r and name.startswith("demo") else ""
-                    print(f"| {name} | {threads} | {B} | {1e3 * c['greedy_step_s']:.2f} | {1e3 * c['spec_call_s']:.2f} | "
-                          f"{ratio:.2f} | {proj} | {meas} |", flush=True)
+            for mode in ("full", "certified"):
+                if mode == "certified":
+                    m.argmax_table().slack = float("-inf")  # every row passes (the weights do not change meanwhile)
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    for B in args.batches:
+                        c = call_costs(m, B, args.new_tokens, args.repeats)
+                        r = results.get((threads, B))
+                        ratio = c["spec_call_s"] / c["greedy_step_s"]
+                        proj = f"{r['tokens_per_call'] / ratio:.2f}x" if r else "-"
+                        meas = f"{r['speedup']:.2f}x" if r and name.startswith("demo") else ""
+                        print(f"| {name} | {mode} | {threads} | {B} | {1e3 * c['greedy_step_s']:.2f} | {1e3 * c['spec_call_s']:.2f} | "
+                              f"{ratio:.2f} | {proj} | {meas} |", flush=True)
     if args.cache_table:
         from vlm_dist.infer.generate import generate
         from vlm_dist.text import get_tokenizer, prompt_tokens

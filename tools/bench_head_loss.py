@@ -3,6 +3,7 @@ model's chunked linear + cross-entropy (`VLM.head_loss`, model/loss.py).
 
     python tools/bench_head_loss.py                      # base width (24 x 768, n_future 4), micro-batch 16
     python tools/bench_head_loss.py --preset demo --batch 16 --dtype bf16 --n-future 4
+    python tools/bench_head_loss.py --preset demo --batch 16 --step     # the whole training step's time
 
 What is measured: the loss computation alone (extra head blocks + norms + unembedding + cross-entropy,
 forward and backward), from a fixed trunk output h (B, P+T, D) that requires grad, so the trunk's own
@@ -55,7 +56,7 @@ def kib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(variant: str, preset: str, batch: int, dtype: str, repeats: int, n_future: int) -> dict:
+def child(variant: str, preset: str, batch: int, dtype: str, repeats: int, n_future: int, step: bool = False) -> dict:
     from vlm_dist.config import load_config
     from vlm_dist.model import VLM
     from vlm_dist.text import IGNORE_INDEX, make_targets
@@ -73,8 +74,27 @@ def child(variant: str, preset: str, batch: int, dtype: str, repeats: int, n_fut
     _, targets = make_targets(tokens, mask, cfg.model.n_future)
     h = torch.randn(batch, model.n_image_tokens + L - 1, cfg.model.d_model, generator=g).to(model.lm_head.weight.dtype)
     h.requires_grad_(True)
-    loss_fn = (lambda: model.head_loss(h, targets)["loss"]) if variant == "chunked" else (lambda: plain_head_loss(model, h, targets))
+    if not step:  # the loss computation alone, from the fixed trunk output h
+        loss_fn = (lambda: model.head_loss(h, targets)["loss"]) if variant == "chunked" else (lambda: plain_head_loss(model, h, targets))
+
+        def after():
+            pass
+    else:  # the whole training step: vision tower, trunk, heads' loss, backward, AdamW update
+        if variant == "plain":
+            model.head_loss = lambda h, t: {"loss": plain_head_loss(model, h, t)}  # what VLM.forward calls
+        size = cfg.model.vision.geometry["image_size"]
+        images = torch.randn(batch, 3, size, size, generator=g).to(model.lm_head.weight.dtype)
+        inputs, targets = make_targets(tokens, mask, cfg.model.n_future)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+        def loss_fn():
+            opt.zero_grad(set_to_none=False)
+            return model(images, inputs, targets)["loss"]
+
+        def after():
+            opt.step()
     loss_fn().backward()  # warm-up: gradients allocated, kept from here on
+    after()
     peaks, times = [], []
     for _ in range(repeats):
         Path("/proc/self/clear_refs").write_text("5")
@@ -82,6 +102,7 @@ def child(variant: str, preset: str, batch: int, dtype: str, repeats: int, n_fut
         t = time.perf_counter()
         loss = loss_fn()
         loss.backward()
+        after()
         times.append(time.perf_counter() - t)
         peaks.append(kib("VmHWM") - before)
         del loss
@@ -97,22 +118,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-future", type=int, default=4)
+    p.add_argument("--step", action="store_true",
+                   help="time the whole training step (random images and captions, forward + backward + AdamW), not the loss alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.preset, args.batch, args.dtype, args.repeats, args.n_future)))
+        print(json.dumps(child(args.child, args.preset, args.batch, args.dtype, args.repeats, args.n_future, args.step)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     res = {}
     for variant in ("plain", "chunked"):
         cmd = [sys.executable, __file__, "--child", variant, "--preset", args.preset, "--batch", str(args.batch),
-               "--dtype", args.dtype, "--repeats", str(args.repeats), "--n-future", str(args.n_future)]
+               "--dtype", args.dtype, "--repeats", str(args.repeats), "--n-future", str(args.n_future)] + ["--step"] * args.step
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         res[variant] = json.loads(out.strip().splitlines()[-1])
     a, b = res["plain"], res["chunked"]
     print(f"{args.preset}, n_future {args.n_future}, micro-batch {args.batch}, {args.dtype}, {a['valid_targets']} valid targets over all heads, "
           f"load average {os.getloadavg()[0]:.1f}\n"
-          "| loss computation | peak MiB (fwd+bwd) | seconds (median) |\n|---|---|---|\n"
+          f"| {'training step (forward + backward + AdamW)' if args.step else 'loss computation'}, heads' loss as | "
+          "peak MiB (fwd+bwd) | seconds (median) |\n|---|---|---|\n"
           f"| all heads' logits at once (before) | {a['peak_mib']:.0f} | {a['seconds']:.2f} |\n"
           f"| one chunked linear + cross-entropy (VLM.head_loss) | {b['peak_mib']:.0f} | {b['seconds']:.2f} |\n"
           f"| ratio new / old | {b['peak_mib'] / a['peak_mib']:.3f} | {b['seconds'] / a['seconds']:.2f} |")

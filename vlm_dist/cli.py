@@ -17,8 +17,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verified by the model, a batch in one "
-                    "loop: output identical to greedy. Measured on 2 CPU cores, demo-width model with n_future 4 "
-                    "(docs/bench/issue9.md): 1.5x greedy's tokens/s at batch 1, 1.1x at batch 8. "
+                    "loop: output identical to greedy. Measured on 2 CPU cores, 1 thread, fp32, the demo export with n_future 4 "
+                    "(docs/bench/issue9_round3.md): 1.0-1.1x greedy's tokens/s at batch 1, 1.06-1.16x at batch 8 "
+                    "(greedy's argmax is certified from a shortlist too, so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
 config_app = typer.Typer(help="Inspect run configurations and presets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -167,6 +168,11 @@ def shard_coco_cmd(
     resize: Optional[int] = typer.Option(None, "--resize", min=1, help="Downscale images whose shorter side exceeds "
                                          "N pixels to N (re-encoded as JPEG); default: keep the original bytes."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes writing shards in parallel (one shard each at a time)."),
+    verify: str = typer.Option("header", "--verify", help="How each JPEG kept as is gets checked: header (default: "
+                               "PIL header + the JPEG marker structure, end-of-image marker included; rejects zero-byte, "
+                               "non-image and cut-short files without decoding pixels), full (also decode it at 1/8 "
+                               "scale; shard-coco ~3.5x slower), none (PIL header only: truncation goes unnoticed). Converted or "
+                               "resized images are always fully decoded."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (stderr)."),
 ) -> None:
     """Write COCO captions (+ VQA v2 Q&A) as deterministic webdataset tars with a manifest.
@@ -181,7 +187,7 @@ def shard_coco_cmd(
         raise typer.Exit(2)
     try:
         summary = shard_coco(images, list(ann or []), out, vqa_questions=vqa_questions, vqa_annotations=vqa_annotations,
-                             split=split, shard_size=shard_size, resize=resize, workers=workers, progress=progress,
+                             split=split, shard_size=shard_size, resize=resize, workers=workers, verify=verify, progress=progress,
                              log=lambda m: typer.echo(m, err=True))
     except ShardError as err:
         typer.echo(f"error: {err}", err=True)

@@ -5,7 +5,8 @@
 
 The loader is the trainer's own (vlm_dist.data.loader.build_loader: webdataset tar reading, shuffle
 buffer, draft-mode JPEG decode + open_clip's eval transform, tokenisation, targets, collation) for
-rank 0 of a world of one, one epoch. Reported: images/s over the whole epoch from the first
+rank 0 of a world of one, one epoch; the batches' uint8 images are normalised to the model's float
+input in this process, as the trainer does on its device (on the CPU here, so the figure includes it). Reported: images/s over the whole epoch from the first
 `iter()` (worker start-up and the shuffle buffer's fill included), and steady images/s from the
 first batch to the last (what a long run sees).
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch
 
 from benchlib.photos import make_coco_like
 
@@ -32,8 +35,11 @@ def make_photo_shards(root: Path, n: int, workers: int = 1, shard_size: int = 64
 def loader_throughput(cfg, shards: Path, workers: int, micro: int, max_batches: int | None = None) -> dict:
     from vlm_dist.data.loader import build_loader
 
+    from vlm_dist.data.samples import normalize_images
+
     loader = build_loader(cfg, str(shards), rank=0, world_size=1, micro_batch=micro, train=True, num_workers=workers)
     loader.set_epoch(0)
+    size = cfg.model.vision.geometry["image_size"]
     t0 = time.perf_counter()
     first = last = None
     batches = 0
@@ -43,6 +49,8 @@ def loader_throughput(cfg, shards: Path, workers: int, micro: int, max_batches: 
         last = now
         batches += 1
         assert batch["images"].shape[0] == micro
+        if batch["images"].dtype == torch.uint8:  # the model's float input, as the trainer makes it (on the CPU here)
+            assert normalize_images(batch["images"], size).dtype == torch.float32
         if max_batches and batches >= max_batches:
             break
     images = batches * micro

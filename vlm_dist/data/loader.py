@@ -6,7 +6,8 @@
         for batch in loader:     # exactly loader.batches_per_epoch - k batches, on every rank
             ...
 
-A batch is a dict: images float32 (B, 3, H, W); input_ids long (B, T) with T = max_text_len - 1;
+A batch is a dict: images uint8 (B, 3, H, W), the tower's crop (samples.normalize_images makes them
+its float input; the trainer does it on the device); input_ids long (B, T) with T = max_text_len - 1;
 targets long (B, n_future, T); keys, image_ids, kinds ("caption" | "qa"), questions (str | None),
 references (all captions of the image, or [answer]) as lists; is_pad bool (B,) marks padding repeats
 (exclude them from evaluation); truncated bool (B,) marks cut targets.
@@ -42,6 +43,7 @@ from vlm_dist.data.epochs import EpochPlan, Segment, batches_consumed, rng_for
 from vlm_dist.data.index import sample_problem
 from vlm_dist.data.manifest import Shard, resolve_shards
 from vlm_dist.data.samples import SamplePreparer, collate, wanted_member
+from vlm_dist.text import get_tokenizer
 
 
 class ShardMismatchError(RuntimeError):
@@ -178,8 +180,9 @@ class StreamingLoader:
         if self.num_workers == 0:
             it = iter(ds)
         else:
+            # Pinned batches (on a GPU host) let the trainer's non_blocking copies overlap the step.
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                 persistent_workers=False, prefetch_factor=2))
+                                 persistent_workers=False, prefetch_factor=2, pin_memory=torch.cuda.is_available()))
         self.stats.update(epoch=ds.epoch, batches=0, samples=0, pad_samples=0, truncated=0, qa=0)
         for batch in it:
             st = self.stats
@@ -207,6 +210,7 @@ def build_loader(cfg: RunConfig, shards: str | list[Shard], *, rank: int, world_
     found = shards if isinstance(shards, list) else resolve_shards(shards)
     plan = EpochPlan(found, n_slots=world_size * streams, micro_batch=micro_batch, seed=seed)
     ds = ShardStream(cfg, plan, rank=rank, n_workers=streams, micro_batch=micro_batch, train=train, seed=seed)
+    get_tokenizer()  # built once here (~0.1 s), so forked DataLoader workers inherit it instead of rebuilding it each epoch
     loader = StreamingLoader(ds, workers)
     loader.stats.update(skipped=sum(s.skipped for s in found), scanned=sum(s.scanned for s in found))
     return loader

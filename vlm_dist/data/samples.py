@@ -12,13 +12,15 @@ choice (caption vs question, which caption, which question) comes from an RNG se
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import rng_for
-from vlm_dist.data.images import decode_rgb
+from vlm_dist.data.images import model_pixels
 from vlm_dist.text import Example, build_example, collate_examples, get_tokenizer, make_targets
 
 WANTED = frozenset({"jpg", "json", "txt"})
@@ -32,16 +34,38 @@ def wanted_member(fname: str) -> bool:
 
 class ImageToTensor:
     """The model's image input, shared by training and inference so they cannot drift apart:
-    JPEG bytes -> draft-mode decode (decode_rgb) -> open_clip's eval transform -> (3, S, S) float32."""
+    JPEG bytes -> draft-mode decode + open_clip's eval geometry as one box resize (images.model_pixels)
+    -> open_clip's ToTensor + Normalize. `pixels` stops at uint8 so that the loader normalises a whole
+    batch in one tensor op (`normalize`); the float values equal open_clip's eval transform applied to
+    the draft-decoded image (tests/test_data_loader.py)."""
 
     def __init__(self, size: int):
         import open_clip
 
         self.size = size
-        self.transform = open_clip.image_transform(size, is_train=False)
+        self.transform = open_clip.image_transform(size, is_train=False)  # the reference; its mean and std
+        norm = self.transform.transforms[-1]
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pixels(self, raw: bytes) -> torch.Tensor:
+        """(3, S, S) uint8."""
+        img = model_pixels(raw, self.size)
+        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, S, S) uint8, on any device -> float32, contiguous: ToTensor's x / 255 then Normalize's
+        (x - mean) / std, the same float32 operations in the same order, so the values are bit-identical
+        to theirs (the trainer runs this on the device: train/loop.py to_device)."""
+        if pixels.device not in self._on_device:  # copied once: a host -> GPU copy each step would wait for the GPU
+            self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
+        mean, std = self._on_device[pixels.device]
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+        return out.copy_(pixels).div_(255).sub_(mean).div_(std)
 
     def __call__(self, raw: bytes) -> torch.Tensor:
-        return self.transform(decode_rgb(raw, self.size))
+        return self.normalize(self.pixels(raw))  # (3, S, S) float32
 
 
 class SamplePreparer:
@@ -78,7 +102,7 @@ class SamplePreparer:
         example, question = self._example(target, question, captions, rng)
         if question is None and kind == "qa":  # the question did not fit: fell back to a caption
             kind, refs = "caption", captions
-        image = self.to_tensor(raw["jpg"])  # (3, H, W) float32
+        image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
         return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
                 "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
 
@@ -100,16 +124,28 @@ class SamplePreparer:
         raise ValueError(f"data.max_text_len={self.max_len} is too short for any question prompt; raise it")
 
 
+def normalize_images(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch's images (B, 3, S, S) uint8 (any device) -> the model's float32 input (ImageToTensor.normalize)."""
+    return _image_to_tensor(size).normalize(pixels)
+
+
+@lru_cache(maxsize=4)
+def _image_to_tensor(size: int) -> ImageToTensor:
+    return ImageToTensor(size)
+
+
 def collate(samples: list[dict], prep: SamplePreparer) -> dict:
     """Stack prepared samples; text padded to the FIXED length max_text_len, so every batch has the
-    same shapes: input_ids (B, max_text_len-1), targets (B, n_future, max_text_len-1)."""
+    same shapes: input_ids (B, max_text_len-1), targets (B, n_future, max_text_len-1). Images stay
+    uint8 (4x fewer bytes to move from a worker and to the GPU); normalize_images makes them the
+    model's float input, on the device."""
     tokens, mask = collate_examples([s["example"] for s in samples], prep.tok.pad_id)  # (B, L') with L' <= max_len
     extra = prep.max_len - tokens.shape[1]
     tokens = F.pad(tokens, (0, extra), value=prep.tok.pad_id)  # (B, max_len)
     mask = F.pad(mask, (0, extra), value=False)
     input_ids, targets = make_targets(tokens, mask, prep.n_future)
     return {
-        "images": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W) float32
+        "images": _stack(samples, get_worker_info() is not None),  # (B, 3, H, W) uint8
         "input_ids": input_ids,  # (B, T) long, T = max_text_len - 1
         "targets": targets,  # (B, n_future, T) long, IGNORE_INDEX where no target
         "keys": [s["key"] for s in samples],
@@ -120,3 +156,13 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
         "is_pad": torch.tensor([s["is_pad"] for s in samples], dtype=torch.bool),  # (B,)
         "truncated": torch.tensor([s["example"].truncated for s in samples], dtype=torch.bool),  # (B,)
     }
+
+
+def _stack(samples: list[dict], shared: bool) -> torch.Tensor:
+    """torch.stack of the samples' uint8 images; in a DataLoader worker straight into shared memory (as
+    torch's default_collate does), so sending the batch to the main process copies it no more."""
+    first = samples[0]["image"]
+    out = torch.empty((len(samples), *first.shape), dtype=first.dtype)
+    if shared:
+        out.share_memory_()  # (empty: nothing to copy yet)
+    return torch.stack([s["image"] for s in samples], out=out)

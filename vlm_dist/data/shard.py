@@ -3,6 +3,7 @@
     vlm-dist shard-coco --images coco/train2017 --ann coco/annotations/captions_train2017.json \\
         --vqa-questions v2_OpenEnded_mscoco_train2014_questions.json \\
         --vqa-annotations v2_mscoco_train2014_annotations.json --out shards/train --split train --workers 8
+    vlm-dist shard-coco ... --verify full     # also decode every kept JPEG (default: header, see images.py)
 
 Output (one split per --out directory, laid out like img2dataset's webdataset output):
     {split}-00000.tar ...    one sample per image: KEY.jpg, KEY.json (ids, captions, Q&A, sizes,
@@ -32,11 +33,14 @@ from collections import Counter
 from pathlib import Path
 
 from vlm_dist.data.coco import AnnotationFileError, Collection, ImageRecord, read_caption_file, read_vqa
-from vlm_dist.data.images import ImageReject, check_image
+from vlm_dist.data.images import VERIFY_LEVELS, ImageReject, check_image
 from vlm_dist.data.tario import TarWriter, file_sha256, is_temp, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vlm-dist/webdataset-shards/1"
+# Header + JPEG marker structure, no pixel decode: catches the damage seen in practice (cut-short files)
+# at ~1/10 the cost of a decode, which would find little more (docs/bench/issue13_round3.md).
+DEFAULT_VERIFY = "header"
 _ID_IN_NAME = re.compile(r"(\d{4,})\.(?:jpe?g|png)$", re.IGNORECASE)
 
 
@@ -91,16 +95,17 @@ def _reject_units(rec: ImageRecord, reason: str, detail: str, file: str | None) 
 
 def _write_shard(task: dict) -> dict:
     """Worker: read, check and write one planned shard; then its stats file. Returns the stats."""
-    root, resize = Path(task["images"]), task["resize"]
+    root, resize, verify = Path(task["images"]), task["resize"], task["verify"]
     stats = {"shard": Path(task["tar"]).name, "plan_hash": task["plan_hash"], "samples": 0, "captions": 0, "qa": 0,
              "rejects": [], "converted": {}, "resized": 0}
     converted: Counter = Counter()
-    with TarWriter(Path(task["tar"])) as tar:
+    # Each tar's data is fsync'ed as it closes; the directory (every rename) once, with the manifest.
+    with TarWriter(Path(task["tar"]), sync_dir=False) as tar:
         for item in task["records"]:
             rec = ImageRecord(**item["record"])
             try:
                 raw = (root / item["file"]).read_bytes()
-                img = check_image(raw, item["file"], resize)
+                img = check_image(raw, item["file"], resize, verify)
             except OSError as err:
                 stats["rejects"] += _reject_units(rec, "unreadable_image", str(err), item["file"])
                 continue
@@ -108,6 +113,7 @@ def _write_shard(task: dict) -> dict:
                 stats["rejects"] += _reject_units(rec, err.reason, err.detail, item["file"])
                 continue
             key = sample_key(rec.image_id)
+            digest = hashlib.sha256(img.data).hexdigest()  # once: kept bytes are the source bytes
             meta = {
                 "key": key, "image_id": rec.image_id, "file_name": item["file"],
                 "captions": [c["caption"] for c in rec.captions],
@@ -115,7 +121,7 @@ def _write_shard(task: dict) -> dict:
                        for q in rec.qa],
                 "width": img.width, "height": img.height,
                 "original_width": img.original_width, "original_height": img.original_height,
-                "sha256": hashlib.sha256(img.data).hexdigest(), "source_sha256": hashlib.sha256(raw).hexdigest(),
+                "sha256": digest, "source_sha256": digest if img.data is raw else hashlib.sha256(raw).hexdigest(),
                 "converted": img.converted, "resized": img.resized,
             }
             tar.add(f"{key}.jpg", img.data)
@@ -129,7 +135,9 @@ def _write_shard(task: dict) -> dict:
             if img.converted:
                 converted[img.converted] += 1
     stats.update(bytes=tar.size, sha256=tar.sha256, converted=dict(sorted(converted.items())))
-    write_json_atomic(Path(task["stats"]), stats)
+    # Not fsync'ed: a rerun keeps a shard only if its stats file is there AND its bytes match the
+    # recorded sha256, so a stats file lost to a power cut costs a rewrite, never a wrong shard.
+    write_json_atomic(Path(task["stats"]), stats, durable=False)
     return stats
 
 
@@ -173,7 +181,7 @@ def _read_inputs(images: Path, ann: list[Path], vqa: tuple[Path, Path] | None, l
 
 
 def _plan(col: Collection, index: ImageIndex, images: Path, out: Path, split: str, shard_size: int,
-          resize: int | None) -> tuple[list[dict], list[dict]]:
+          resize: int | None, verify: str) -> tuple[list[dict], list[dict]]:
     """Shard tasks (records sorted by key, cut every shard_size) and the missing-image rejects."""
     found, rejects = [], []
     for rec in sorted(col.images.values(), key=lambda r: sample_key(r.image_id)):
@@ -186,9 +194,10 @@ def _plan(col: Collection, index: ImageIndex, images: Path, out: Path, split: st
     tasks = []
     for i, start in enumerate(range(0, len(found), shard_size)):
         records = found[start : start + shard_size]
-        plan = json.dumps({"records": records, "resize": resize, "images": str(images)}, sort_keys=True)
+        # The verify level is part of the plan: a rerun with a stricter level rechecks every shard.
+        plan = json.dumps({"records": records, "resize": resize, "images": str(images), "verify": verify}, sort_keys=True)
         tasks.append({"index": i, "tar": str(out / f"{split}-{i:05d}.tar"), "stats": str(out / f"{i:05d}_stats.json"),
-                      "images": str(images), "resize": resize, "records": records,
+                      "images": str(images), "resize": resize, "verify": verify, "records": records,
                       "plan_hash": hashlib.sha256(plan.encode()).hexdigest()})
     return tasks, rejects
 
@@ -232,7 +241,8 @@ def _clean(out: Path, split: str, n_shards: int, log) -> None:
 
 def shard_coco(images: Path, ann: list[Path], out: Path, *, vqa_questions: Path | None = None,
                vqa_annotations: Path | None = None, split: str = "train", shard_size: int = 1000,
-               resize: int | None = None, workers: int = 1, progress: bool = True, log=print) -> dict:
+               resize: int | None = None, workers: int = 1, verify: str = DEFAULT_VERIFY, progress: bool = True,
+               log=print) -> dict:
     """Write the shards, manifest, rejects and summary; return the summary. Raises ShardError if fatal."""
     t0 = time.time()
     images, out = Path(images), Path(out)
@@ -240,6 +250,8 @@ def shard_coco(images: Path, ann: list[Path], out: Path, *, vqa_questions: Path 
         raise ShardError(f"--split {split!r}: use letters, digits and '_' only (it prefixes the shard names)")
     if shard_size < 1 or (resize is not None and resize < 1) or workers < 1:
         raise ShardError("--shard-size, --resize and --workers must be positive")
+    if verify not in VERIFY_LEVELS:
+        raise ShardError(f"--verify {verify!r}: use one of {', '.join(VERIFY_LEVELS)}")
     if (vqa_questions is None) != (vqa_annotations is None):
         raise ShardError("VQA needs both files: give --vqa-questions and --vqa-annotations together")
     if not images.is_dir():
@@ -255,7 +267,7 @@ def shard_coco(images: Path, ann: list[Path], out: Path, *, vqa_questions: Path 
             raise ShardError(f"{out} already holds split {old_split!r}; write split {split!r} to its own --out directory")
     vqa = (Path(vqa_questions), Path(vqa_annotations)) if vqa_questions is not None else None
     col, index = _read_inputs(images, [Path(a) for a in ann], vqa, log)
-    tasks, missing = _plan(col, index, images, out, split, shard_size, resize)
+    tasks, missing = _plan(col, index, images, out, split, shard_size, resize, verify)
     if not tasks:
         raise ShardError(f"no images: none of the {len(col.images)} images named by the annotations exists under "
                          f"{images}; check --images (COCO 2017: the train2017/ folder; Karpathy files: the COCO root "
@@ -264,7 +276,7 @@ def shard_coco(images: Path, ann: list[Path], out: Path, *, vqa_questions: Path 
     results = _run_tasks(tasks, workers, progress)
     rejects = col.rejects + missing + [r for s in results for r in s["rejects"]]
     summary = _summarise(col, results, rejects, time.time() - t0)
-    summary["file_errors"] = col.file_errors
+    summary["file_errors"], summary["verify"] = col.file_errors, verify
     write_bytes_atomic(out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rejects).encode())
     write_json_atomic(out / MANIFEST, {
         "format": MANIFEST_FORMAT, "split": split,
@@ -274,7 +286,7 @@ def shard_coco(images: Path, ann: list[Path], out: Path, *, vqa_questions: Path 
         "inputs": {"images": str(images), "ann": [str(a) for a in ann],
                    "vqa_questions": str(vqa_questions) if vqa_questions else None,
                    "vqa_annotations": str(vqa_annotations) if vqa_annotations else None},
-        "options": {"shard_size": shard_size, "resize": resize},
+        "options": {"shard_size": shard_size, "resize": resize, "verify": verify},
     })
     write_json_atomic(out / "summary.json", summary)
     if summary["samples"] == 0:
@@ -315,6 +327,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"converted        {s['converted']} image(s)")
     lines += [f"  {reason:<30} {n}" for reason, n in s["converted_by_reason"].items()]
     lines.append(f"resized          {s['resized']}")
+    if "verify" in s:
+        lines.append(f"verify           {s['verify']} (kept JPEGs; converted or resized ones are decoded)")
     lines.append(f"bytes            {s['bytes']:,}   {s['images_per_s']} images/s over {s['elapsed_s']} s")
     lines += [f"file error       {e}" for e in s.get("file_errors", [])]
     return "\n".join(lines)

@@ -12,45 +12,23 @@ and the heads' states at its last accepted position give its next draft. The acc
 greedy, so the output is greedy decoding's, token for token (up to floating-point reassociation across
 matmul shapes, which the tests check does not flip an argmax on their models).
 
-What a call costs (the profile in docs/bench/issue9.md): at the demo size the 49,408-way unembedding,
-not the trunk, sets the price. So head 0's argmax runs as ONE matmul over all B x n draft positions
-(`VLM.greedy_ids`), and the draft heads, whose guesses need not be exact (a wrong one is only
-rejected), score only the `draft_vocab` most frequent BPE tokens (open_clip's BPE ids are in merge
-order, roughly frequency order; FR-Spec, Zhao et al. 2025) plus the end token.
+What a call costs (the profiles in docs/bench/issue9.md and docs/bench/issue9_round3.md): one
+`VLM.verify_step` per call. Every argmax over the 49,408-token vocabulary (head 0's after each draft
+token, the draft heads' guesses) comes from a shortlist's logits and a Cauchy-Schwarz certificate
+(model/argmax.py: the full matmul only for rows it does not certify, none on the trained demo model);
+the extra heads run stacked (heads.FusedHeads) and their attention and MLP only at each row's last
+accepted position; the blocks decode through F.* calls rather than nn.Module calls.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vlm_dist.model.vlm import unembed_argmax
 from vlm_dist.text import get_tokenizer
 
-DRAFT_VOCAB = 16384  # draft heads score ids < this (+ the end token); covers every word of the demo captions
-
-
-def draft_table(model, size: int = DRAFT_VOCAB) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unembedding rows the draft heads score, (K, D), and their token ids (None: the full vocabulary)."""
-    W = model.lm_head.weight
-    if size >= W.shape[0] - 1:
-        return W, None
-    ids = torch.cat([torch.arange(size), torch.tensor([get_tokenizer().eos_id])]).to(W.device)
-    return W.index_select(0, ids), ids
-
-
-def _draft_ids(states: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """Draft heads' guesses: states (k, B, D) -> ids (B, k) (argmax over the draft table only)."""
-    W, ids = table
-    k, B, D = states.shape
-    if k == 0:
-        return torch.zeros(B, 0, dtype=torch.long, device=states.device)
-    best = unembed_argmax(states.reshape(k * B, D), W).view(k, B)
-    return (best if ids is None else ids[best]).T
-
-
 @torch.no_grad()
-def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
-                               draft_vocab: int = DRAFT_VOCAB) -> tuple[list[list[int]], dict]:
+def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32
+                               ) -> tuple[list[list[int]], dict]:
     """images (B, 3, H, W); B prompts (ids starting with <sot>, lengths may differ). Returns the generated
     ids per row (without the end token) and stats: `calls` (batched model calls after the prompt),
     `row_calls` (calls summed over the rows still decoding), `tokens` (emitted: the end token and tokens
@@ -67,9 +45,8 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     device = next(model.parameters()).device
     images = images.to(device, model.projector.weight.dtype)
     was_training = model.training
-    model.eval()
-    table = draft_table(model, draft_vocab)
-    rows = torch.arange(B, device=device)
+    if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
+        model.eval()
 
     # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
     # positions exact; the padding beyond them is hidden and overwritten once lengths are per row.
@@ -79,34 +56,31 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     # n spare cache slots: a call near the end of the context writes drafts past max_seq_len. Every token
     # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
     cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
-    states = model.step_states(ids, cache, images=images)  # per head (B, longest, D)
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    heads = model.fused_heads()  # the draft heads stacked, for this decode
+    nxt, _, guesses = model.verify_step(ids, cache, images=images, last=last, heads=heads)
     cache.set_lengths([P + len(p) for p in prompts])
-    at = torch.stack([s[rows, last] for s in states])  # (n, B, D): heads at each row's last prompt position
-    draft = torch.cat([model.greedy_ids(at[0])[:, None], _draft_ids(at[1:], table)], dim=1)  # (B, n)
+    draft = torch.cat([nxt[:, None], guesses], dim=1)  # (B, n): the next token + the heads' guesses
 
     out: list[list[int]] = [[] for _ in range(B)]
     live = list(range(B))  # the original row of each row still in the batch
     calls = row_calls = 0
     accepted_at = [0] * n
     while live:
-        base = list(cache.lengths)
-        states = model.step_states(draft, cache)  # per head (b, n, D); every row's cache grew by n
+        base = cache.lengths
+        nxt, at, guesses = model.verify_step(draft, cache, heads=heads)  # every row's cache grew by n
         calls += 1
         row_calls += len(live)
-        greedy = model.greedy_ids(states[0])  # (b, n): head 0's exact choice after each draft token
-        match = (draft[:, 1:] == greedy[:, :-1]).long()  # (b, n-1)
-        accepted = 1 + match.cumprod(dim=1).sum(dim=1)  # (b,) in 1..n: the longest matching prefix
-        idx = accepted - 1  # each row's last accepted position in this call
-        at = torch.stack([s[rows, idx] for s in states[1:]]) if n > 1 else states[0][:, :0].transpose(0, 1)  # (n-1, b, D)
-        next_draft = torch.cat([greedy[rows, idx][:, None], _draft_ids(at, table)], dim=1)  # (b, n)
-
-        acc, tokens, keep = accepted.tolist(), draft.tolist(), []
+        # one host sync per call: each row's accepted count (at + 1) and its draft tokens
+        host = torch.cat([at[:, None], draft], dim=1).tolist()  # [last accepted position, draft...] per row
+        next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
+        keep = []
         for r, b in enumerate(live):
-            for i in range(acc[r]):
+            acc, tokens = host[r][0] + 1, host[r][1:]
+            for i in range(acc):
                 accepted_at[i] += 1
             finished = False
-            for t in tokens[r][: acc[r]]:
+            for t in tokens[:acc]:
                 if t == tok.eos_id:
                     finished = True
                     break
@@ -116,27 +90,26 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                     break
             if not finished:
                 keep.append(r)
-        cache.crop([l + a for l, a in zip(base, acc)])  # forget rejected positions (causal: the rest stands)
+        cache.crop([l + h[0] + 1 for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)
         draft = next_draft
         if len(keep) < len(live):  # finished rows leave the batch: later calls do not compute them
             live = [live[r] for r in keep]
             if keep:
                 cache.keep_rows(keep)
                 draft = draft[keep]
-                rows = rows[: len(keep)]
-    model.train(was_training)
+    if was_training:
+        model.train()
     emitted = sum(map(len, out))
     return out, {"calls": calls, "row_calls": row_calls, "tokens": emitted,
                  "tokens_per_call": emitted / max(row_calls, 1),
                  "accepted_per_position": [a / max(row_calls, 1) for a in accepted_at]}
 
 
-def speculative_generate(model, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 32,
-                         draft_vocab: int = DRAFT_VOCAB) -> tuple[list[int], dict]:
+def speculative_generate(model, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 32) -> tuple[list[int], dict]:
     """One image (1, 3, H, W) or (3, H, W) and its prompt: `speculative_generate_batch` with B = 1."""
     if image.dim() == 3:
         image = image[None]
-    ids, stats = speculative_generate_batch(model, image, [prompt], max_new_tokens, draft_vocab)
+    ids, stats = speculative_generate_batch(model, image, [prompt], max_new_tokens)
     return ids[0], stats
 
 

@@ -19,6 +19,11 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(pe, (0, dim - 2 * half))  # odd dim: last channel zero
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True: may attend) as SDPA's additive form: 0 where True, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class KVCache:
     """Keys and values of every attention layer, preallocated to max_len positions per row.
 
@@ -39,7 +44,9 @@ class KVCache:
         self.max_len = max_len
         self.lengths = [0] * batch  # python ints: decided on the host anyway, no device sync per read
         self._mask_key: tuple | None = None
-        self._mask: torch.Tensor | None = None
+        self._mask: tuple | None = None  # (bool mask, additive mask)
+        self._pos_key: tuple | None = None
+        self._pos: torch.Tensor | None = None
 
     @property
     def uniform(self) -> bool:
@@ -53,42 +60,55 @@ class KVCache:
         return self.lengths[0]
 
     def positions(self, T: int) -> torch.Tensor:
-        """Absolute positions (B, T) of T tokens fed next: lengths[b] + 0..T-1."""
-        device = self.k.device
-        return torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+        """Absolute positions (B, T) of T tokens fed next: lengths[b] + 0..T-1 (made once per forward:
+        the embedding and every layer's cache update read it)."""
+        key = (T, *self.lengths)
+        if key != self._pos_key:
+            device = self.k.device
+            self._pos = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+            self._pos_key = key
+        return self._pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) after each row's cached positions; return keys/values (B, H, S, hd)
         for S = max(lengths) + T (positions a row has not written are masked by `attn_mask`)."""
-        T = k.shape[2]
+        keys, values = self.update_layers(layer, k[None], v[None])
+        return keys[0], values[0]
+
+    def update_layers(self, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for m consecutive layers at once: k, v (m, B, H, T, hd) -> (m, B, H, S, hd)."""
+        m, T = k.shape[0], k.shape[3]
         end = max(self.lengths) + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len} (raise model.max_seq_len)")
+        layers = slice(first, first + m)
         if self.uniform:
             start = self.lengths[0]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
+            self.k[layers, :, :, start:end] = k
+            self.v[layers, :, :, start:end] = v
         else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            rows = torch.arange(k.shape[1], device=k.device)[:, None]  # (B, 1)
             pos = self.positions(T)  # (B, T); advanced indices around a slice put (B, T) first
-            self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd)
-            self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            self.k[layers][:, rows, :, pos] = k.permute(1, 3, 0, 2, 4)  # (B, T, m, H, hd)
+            self.v[layers][:, rows, :, pos] = v.permute(1, 3, 0, 2, 4)
+        return self.k[layers, :, :, :end], self.v[layers, :, :, :end]
 
-    def attn_mask(self, T: int) -> torch.Tensor | None:
+    def attn_mask(self, T: int, additive: bool = False) -> torch.Tensor | None:
         """Which cached keys the T new queries may see: None (T = 1, uniform: all), (T, S) for a uniform
-        cache, (B, 1, T, S) for a ragged one. Built once per forward and shared by every layer."""
+        cache, (B, 1, T, S) for a ragged one; bool, or additive (0 / -inf in the cache's dtype: what SDPA
+        turns a bool mask into, on every call, otherwise). Built once per forward and shared by every layer."""
         key = (T, *self.lengths)
         if key != self._mask_key:
             S = max(self.lengths) + T
             if self.uniform:
                 # query i sits at absolute position S-T+i and may see keys 0..S-T+i
-                self._mask = torch.ones(T, S, dtype=torch.bool, device=self.k.device).tril(S - T) if T > 1 else None
+                mask = torch.ones(T, S, dtype=torch.bool, device=self.k.device).tril(S - T) if T > 1 else None
             else:
                 keys = torch.arange(S, device=self.k.device)
-                self._mask = (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]  # (B, 1, T, S)
+                mask = (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]  # (B, 1, T, S)
+            self._mask = (mask, None if mask is None else additive_mask(mask, self.k.dtype))
             self._mask_key = key
-        return self._mask
+        return self._mask[additive]
 
     def advance(self, n: int) -> None:
         self.lengths = [length + n for length in self.lengths]
@@ -105,7 +125,7 @@ class KVCache:
         index = torch.tensor(rows, device=self.k.device)
         self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
         self.lengths = [self.lengths[r] for r in rows]
-        self._mask_key = None
+        self._mask_key = self._pos_key = None
 
     def set_lengths(self, lengths: list[int]) -> None:
         """Declare rows' valid lengths after a padded prefill (row b's positions past lengths[b] are
@@ -124,23 +144,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        y = self.attend(self.qkv(x), cache, layer)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+    def attend(self, qkv: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Attention of the projected qkv (B, T, 3D) over the cached keys and these: (B, H, T, hd)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, hd), S = cached + T
         S = k.shape[2]
         p = self.dropout if self.training else 0.0
         if self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
-        else:
-            if cache is not None:
-                mask = cache.attn_mask(T)
-            else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T) if T > 1 else None
-            if self.kind == "sdpa":
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-            else:
-                y = explicit_attention(q, k, v, mask, p)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+        if cache is not None:
+            mask = cache.attn_mask(T, additive=self.kind == "sdpa")
+        else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
+            mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T) if T > 1 else None
+        if self.kind == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return explicit_attention(q, k, v, mask, p)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -166,5 +189,25 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if cache is not None and not self.training:
+            return self.decode(x, cache, layer)
         x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` for cached decoding (eval mode): the same kernels on the same arguments, so the same
+        numbers, but through F.* instead of nn.Module calls, whose dispatch (~5 us each, 12 per block)
+        was a third of a decoding step at the demo width (docs/bench/issue9_round3.md)."""
+        B, T, D = x.shape
+        a = self.attn
+        y = a.attend(F.linear(self._norm(self.ln1, x), a.qkv.weight, a.qkv.bias), cache, layer)  # (B, H, T, hd)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), a.out.weight, a.out.bias)
+        return x + self._mlp(self._norm(self.ln2, x))
+
+    @staticmethod
+    def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        up, act, down = self.mlp
+        return F.linear(F.gelu(F.linear(x, up.weight, up.bias), approximate=act.approximate), down.weight, down.bias)

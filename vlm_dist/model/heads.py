@@ -8,6 +8,7 @@ norm; every head shares the LM head's unembedding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -35,3 +36,67 @@ class ExtraHeads(nn.Module):
                 z = block(h, cache, first_layer + k)
             outs.append(norm(z))
         return outs
+
+
+class FusedHeads:
+    """The extra heads stacked for drafting during decoding: m = n_future - 1 blocks in ~20 kernels, not ~25 each.
+
+        heads = FusedHeads(model.extra_heads)            # once per decode (weights fixed meanwhile)
+        states = heads(h, cache, first_layer, at)        # (m, B, D): each head's state at position at[b]
+
+    Each head's ln1 and ln2 differ only in their affine part, which folds into the next linear:
+    lin(ln(x)) = (W diag(g)) norm(x) + (W b + c). So one norm and one (m*3D, D) linear give every head's
+    q, k, v at all T fed positions (their keys and values go to the cache: later queries attend to them),
+    and attention, output projection, MLP and final norm run for ONE position per row (`at`: the last
+    accepted one), as batched matmuls over the heads. Rounding differs from ExtraHeads' by float
+    reassociation only, and a draft need not be exact (a wrong guess is only rejected).
+    """
+
+    def __init__(self, heads: ExtraHeads) -> None:
+        blocks = list(heads.blocks)
+        self.m = m = len(blocks)
+        if m == 0:
+            return
+        attn = blocks[0].attn
+        self.n_heads, self.head_dim = attn.n_heads, attn.head_dim
+        self.approximate = blocks[0].mlp[1].approximate
+        self.eps = blocks[0].ln1.eps
+
+        def fold(lin: nn.Linear, ln: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+            return lin.weight * ln.weight[None, :], lin.weight @ ln.bias + lin.bias
+
+        with torch.no_grad():
+            qkv = [fold(b.attn.qkv, b.ln1) for b in blocks]
+            self.qkv_w, self.qkv_b = torch.cat([w for w, _ in qkv]), torch.cat([c for _, c in qkv])  # (m*3D, D), (m*3D,)
+            up = [fold(b.mlp[0], b.ln2) for b in blocks]
+            self.up_w = torch.stack([w.T for w, _ in up])  # (m, D, F): x @ W^T as a bmm
+            self.up_b = torch.stack([c for _, c in up])[:, None]  # (m, 1, F)
+            self.out_w = torch.stack([b.attn.out.weight.T for b in blocks])  # (m, D, D)
+            self.out_b = torch.stack([b.attn.out.bias for b in blocks])[:, None]
+            self.down_w = torch.stack([b.mlp[2].weight.T for b in blocks])  # (m, F, D)
+            self.down_b = torch.stack([b.mlp[2].bias for b in blocks])[:, None]
+            self.norm_w = torch.stack([n.weight for n in heads.norms])[:, None]  # (m, 1, D)
+            self.norm_b = torch.stack([n.bias for n in heads.norms])[:, None]
+
+    @torch.no_grad()
+    def __call__(self, h: torch.Tensor, cache: KVCache, first_layer: int, at: torch.Tensor) -> torch.Tensor:
+        """Trunk states h (B, T, D) of the T fed positions (after the cache's lengths) -> the heads'
+        normalised states (m, B, D) at positions `at` (B,) of these T; writes their keys and values."""
+        B, T, D = h.shape
+        m, H, hd = self.m, self.n_heads, self.head_dim
+        flat = torch.arange(B, device=h.device) * T + at  # (B,) rows of the flattened (B*T) positions
+        qkv = F.linear(F.layer_norm(h, (D,), eps=self.eps), self.qkv_w, self.qkv_b).view(B, T, m, 3, H, hd)
+        k, v = qkv[:, :, :, 1].permute(2, 0, 3, 1, 4), qkv[:, :, :, 2].permute(2, 0, 3, 1, 4)  # (m, B, H, T, hd)
+        keys, values = cache.update_layers(first_layer, k, v)  # (m, B, H, S, hd)
+        S = keys.shape[3]
+        q = qkv.view(B * T, m, 3, H, hd).index_select(0, flat)[:, :, 0].transpose(0, 1).reshape(m * B, H, 1, hd)
+        ends = torch.tensor(cache.lengths, device=h.device) + at  # (B,): each query's absolute position
+        keys_ok = torch.arange(S, device=h.device) <= ends[:, None]  # (B, S): keys up to the query
+        mask = torch.where(keys_ok, 0.0, float("-inf")).to(h.dtype)  # additive, as SDPA would make it
+        mask = mask[None, :, None, None].expand(m, B, 1, 1, S).reshape(m * B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, keys.reshape(m * B, H, S, hd), values.reshape(m * B, H, S, hd),
+                                           attn_mask=mask)  # (m*B, H, 1, hd)
+        x = torch.baddbmm(self.out_b, y.reshape(m, B, D), self.out_w) + h.view(B * T, D).index_select(0, flat)  # (m, B, D)
+        u = F.gelu(torch.baddbmm(self.up_b, F.layer_norm(x, (D,), eps=self.eps), self.up_w), approximate=self.approximate)
+        x = x + torch.baddbmm(self.down_b, u, self.down_w)
+        return torch.addcmul(self.norm_b, F.layer_norm(x, (D,), eps=self.eps), self.norm_w)  # each head's final norm

@@ -13,36 +13,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
+from vlm_dist.model.argmax import CertifiedArgmax
 from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
-from vlm_dist.model.heads import ExtraHeads
+from vlm_dist.model.heads import ExtraHeads, FusedHeads
 from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
-
-
-
-def unembed_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """argmax_v (x @ weight.T)[:, v] for x (N, D), weight (V, D): ids (N,), without keeping the logits.
-
-    The kernel depends on N, measured on the 2-core EPYC CPU (1 thread, V = 49,408, D = 128;
-    docs/bench/issue9.md): up to 8 rows, W @ X^T (V, N) with X row-major is the fast layout (1.0 ms for
-    2 rows, 1.3 ms for 4, where x @ W^T costs 2.6 ms for 1 row and 9.3 ms for 3; a one-column W @ x and
-    W @ X^T with X^T made contiguous hit slow kernels, so one row is fed twice); beyond 8 rows the
-    argmax along the (V, N) result's outer dimension costs more than the matmul's layout saves, and
-    x @ W^T (N, V) with a contiguous argmax wins (15 vs 22 ms at 32 rows).
-    """
-    x = x.to(weight.dtype).contiguous()
-    N = x.shape[0]
-    if N > 8:
-        return F.linear(x, weight).argmax(dim=-1)
-    if N == 1:
-        x = x.repeat(2, 1)
-    return (weight @ x.T).argmax(dim=0)[:N]
 
 
 class VLM(nn.Module):
@@ -94,11 +74,24 @@ class VLM(nn.Module):
         if images is not None:
             img = self.projector(self.vision(images.to(self.projector.weight.dtype)))  # (B, P, D)
             x = torch.cat([img, x], dim=1)
+        table = self._position_table(x.dtype, x.device)  # (L, D): pos_scale * sinusoidal positions
         if positions is None:
-            pe = sinusoidal_positions(torch.arange(offset, offset + x.shape[1], device=x.device), x.shape[-1])
-        else:
-            pe = sinusoidal_positions(positions.reshape(-1), x.shape[-1]).view(*positions.shape, -1)
+            if offset + x.shape[1] <= table.shape[0]:
+                return x + table[offset : offset + x.shape[1]]
+            positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        elif int(positions.max()) < table.shape[0]:
+            return x + table[positions]
+        pe = sinusoidal_positions(positions.reshape(-1), x.shape[-1]).view(*positions.shape, -1)
         return x + self.cfg.pos_scale * pe.to(x.dtype)
+
+    def _position_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """pos_scale * sinusoidal positions for 0 .. max_seq_len + 63 (spare slots of speculative decoding),
+        (L, D), made once per dtype and device: a decoding step indexes it instead of recomputing ~10 kernels."""
+        key = (dtype, device)
+        if getattr(self, "_pos_key", None) != key:
+            pe = sinusoidal_positions(torch.arange(self.cfg.max_seq_len + 64, device=device), self.cfg.d_model)
+            self._pos_table, self._pos_key = self.cfg.pos_scale * pe.to(dtype), key
+        return self._pos_table
 
     def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Causal blocks over x (B, S, D) -> last hidden state (B, S, D), before the final norm."""
@@ -206,7 +199,64 @@ class VLM(nn.Module):
         return [s[:, -T:] for s in states]
 
     @torch.no_grad()
+    def verify_step(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None,
+                    last: torch.Tensor | None = None, heads: FusedHeads | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One call of self-speculative decoding. Feeds input_ids (B, T) (a draft, or the padded prompts on
+        the first call, with images) after the cache; every row's cache grows by T (the caller crops).
+
+        Returns (next_ids (B,), last (B,), guesses (B, n-1)). `last`: the fed position whose successor
+        comes next: as given (the prompts' last positions), else the end of the longest accepted prefix
+        (draft token i+1 is accepted while it equals head 0's exact argmax after token i: last + 1 tokens
+        accepted). next_ids: head 0's exact full-vocabulary argmax there; guesses: the extra heads'
+        argmaxes (certified too: on an untrained model a shortlist-only guess would rarely be right).
+        The extra heads run stacked (`heads`, default `fused_heads()`: pass it in a decoding loop, its
+        check walks the heads' parameters), and only at `last` for all but their keys and values.
+        """
+        if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
+            raise ValueError("pass images on the first step (empty cache) and only then")
+        B, T = input_ids.shape
+        if cache.uniform:
+            x = self.embed(images, input_ids, offset=cache.lengths[0])
+        else:
+            x = self.embed(None, input_ids, positions=cache.positions(T))
+        h = self.trunk(x, cache)  # (B, S, D): S = T, or P + T on the first call (the heads see the image too)
+        if last is None:
+            greedy = self.greedy_ids(self.norm(h[:, -T:]))  # (B, T): head 0's choice after each draft token
+            match = (input_ids[:, 1:] == greedy[:, :-1]).long()  # (B, T-1)
+            last = match.cumprod(dim=1).sum(dim=1)  # (B,)
+            next_ids = greedy.gather(1, last[:, None]).squeeze(1)  # (B,)
+        else:  # the prompts: only each row's last position matters
+            rows = torch.arange(B, device=h.device) * h.shape[1] + (h.shape[1] - T) + last  # (B,) in (B*S)
+            next_ids = self.greedy_ids(self.norm(h.reshape(-1, h.shape[-1]).index_select(0, rows)))
+        if self.cfg.n_future > 1:
+            heads = heads or self.fused_heads()
+            guesses = self.greedy_ids(heads(h, cache, self.cfg.n_layers, last + (h.shape[1] - T))).T  # (B, n-1)
+        else:
+            guesses = next_ids[:, None][:, :0]
+        cache.advance(x.shape[1])
+        return next_ids, last, guesses
+
+    def fused_heads(self) -> FusedHeads:
+        """The extra heads stacked for drafting (heads.FusedHeads), rebuilt whenever one of their weights
+        changes (an optimizer step or a load bumps a version; .to() makes new tensors)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.extra_heads.parameters())
+        if getattr(self, "_fused_key", None) != key:
+            self._fused, self._fused_key = FusedHeads(self.extra_heads), key
+        return self._fused
+
+    @torch.no_grad()
     def greedy_ids(self, states: torch.Tensor) -> torch.Tensor:
-        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...),
-        as one matmul for all rows (`unembed_argmax`)."""
-        return unembed_argmax(states.reshape(-1, states.shape[-1]), self.lm_head.weight).view(states.shape[:-1])
+        """Exact argmax over the full vocabulary of the logits of normalised states (..., D) -> ids (...):
+        a shortlist's logits and a certificate, the full matmul only for rows it does not certify
+        (`argmax_table`, model/argmax.py)."""
+        return self.argmax_table()(states.reshape(-1, states.shape[-1])).view(states.shape[:-1])
+
+    def argmax_table(self) -> CertifiedArgmax:
+        """The unembedding's CertifiedArgmax, rebuilt whenever the weight changes (an optimizer step or a
+        load bumps its version; .to() makes a new tensor)."""
+        W = self.lm_head.weight
+        key = (W.data_ptr(), W._version, W.dtype, W.device)
+        if getattr(self, "_argmax_key", None) != key:
+            self._argmax, self._argmax_key = CertifiedArgmax(W), key
+        return self._argmax

@@ -44,6 +44,28 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
     return t.cpu()
 
 
+_HOST_GROUP: list = []  # [the gloo group for host numbers], made on first use
+
+
+def _host_group():
+    """None (the default group) when it reduces CPU tensors (gloo, or a cpu:gloo multi-backend); else a
+    gloo group over all ranks, made once (every rank reaches the first call at the same step)."""
+    if "gloo" in str(dist.get_backend()):
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
+def all_reduce_sum_host(values: list[float]) -> torch.Tensor:
+    """all_reduce_sum for numbers that live on the host (counts, flags), over gloo: it never waits for
+    the device, so the training step can run on without a host sync."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, group=_host_group())
+    return t
+
+
 def from_main(obj):
     """Rank 0's `obj` on every rank (a small object of our own: broadcast_object_list pickles it)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -7,8 +7,11 @@ Each optimizer step consumes `gradient_accumulation_steps` micro-batches on ever
 (train/engine.py, the only DeepSpeed caller) owns accumulation, clipping, the optimizer and the LR
 schedule, and skips an update whose gradients are not finite. The run position (step, epoch,
 micro-batches consumed in the epoch) is enough to resume exactly: the loader replays the epoch from
-there (see vlm_dist/data/loader.py). After every step one small all-reduce gives all ranks the
-losses, counts and any stop request (train/preempt.py) at once.
+there (see vlm_dist/data/loader.py). After every step one small all-reduce over gloo gives all ranks
+the token and FLOP counts and any stop request (train/preempt.py) at once; these live on the host,
+so it never waits for the device. The losses stay on the device and are read (reduced over the ranks,
+one host sync) only on the steps that need them (`losses_due`: the steps that log, or whose
+non-finite loss must be acted on), so a GPU runs step after step without waiting for the host.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from dataclasses import asdict
 import torch
 
 from vlm_dist.config import RunConfig
+from vlm_dist.data.samples import normalize_images
 from vlm_dist.observe.flops import memory_metrics, throughput_metrics, train_flops
 from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
 from vlm_dist.train import checkpoint as ckpt
-from vlm_dist.train.dist import all_reduce_sum, barrier
+from vlm_dist.train.dist import all_reduce_sum, all_reduce_sum_host, barrier
 from vlm_dist.train.engine import Engine
 from vlm_dist.train.preempt import EXIT_PREEMPTED
 from vlm_dist.train.setup import Run, RunOptions, setup
@@ -44,8 +48,11 @@ class Preempted(RuntimeError):
 
 def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = run.info.device
-    # The engine casts the module to bf16/fp16, not the inputs: images must follow; token ids stay integer.
-    return (batch["images"].to(dev, run.engine.dtype, non_blocking=True), batch["input_ids"].to(dev, non_blocking=True),
+    # Images travel as uint8 (a quarter of float32's bytes) and are normalised on the device, in float32 as
+    # open_clip's transform does; the engine casts the module to bf16/fp16, not the inputs: images must
+    # follow. Token ids stay integer.
+    images = normalize_images(batch["images"].to(dev, non_blocking=True), run.cfg.model.vision.geometry["image_size"])
+    return (images.to(run.engine.dtype), batch["input_ids"].to(dev, non_blocking=True),
             batch["targets"].to(dev, non_blocking=True))
 
 
@@ -77,30 +84,54 @@ def next_batches(run: Run, batches) -> tuple[list[dict], float]:
     return out, wait
 
 
+def losses_due(run: Run, step: int) -> bool:
+    """Whether step `step` reads its losses on the host: a logging step, or one whose non-finite loss
+    must be acted on before the update (the layer that went non-finite is found from the gradients,
+    which the update clears), or any step of an engine that applies non-finite updates (ZeRO stage 0).
+    The same on every rank (the losses are all-reduced)."""
+    cfg = run.cfg
+    return (step % cfg.log.log_every == 0 or step == run.total_steps or cfg.train.on_nonfinite == "stop"
+            or run.skipped_in_a_row + 1 >= cfg.train.max_skipped_in_a_row or run.engine.zero_stage == 0)
+
+
+def reduce_losses(run: Run, head_losses: torch.Tensor, host: list[float] = ()) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(per-head losses (n,) float64 and the weighted loss, averaged over the ranks; the `host` numbers
+    summed over the ranks), in one all-reduce: the host sync of the step."""
+    n = head_losses.numel()
+    extra = torch.tensor(list(host), dtype=torch.float64, device=head_losses.device)
+    summed = all_reduce_sum(torch.cat([(head_losses / run.accum).double(), extra]), run.info.device)  # on the host
+    heads = summed[:n] / run.info.world_size
+    return heads, float(torch.tensor(run.cfg.model.head_weights, dtype=torch.float64) @ heads), summed[n:]
+
+
 def train_step(run: Run, batches) -> dict[str, float]:
-    """One optimizer step over `accum` micro-batches; returns this step's metrics (over all ranks)."""
+    """One optimizer step over `accum` micro-batches; returns this step's metrics (over all ranks):
+    the losses, grad norm and memory only on steps whose losses are read (losses_due or skipped)."""
     t0 = time.perf_counter()
     engine, state = run.engine, run.state
+    read_losses = losses_due(run, state.step + 1)
+    run.timer.exact = read_losses  # section times are synchronised only on the steps that log them
     lr = engine.lr()  # the rate this step applies (the scheduler advances in engine.step)
     micro, wait = next_batches(run, batches)
     head_losses, tokens, flops = 0.0, 0, 0.0
     for i, batch in enumerate(micro):
-        tokens += int((batch["targets"][:, 0] != IGNORE_INDEX).sum())
+        tokens += int((batch["targets"][:, 0] != IGNORE_INDEX).sum())  # the host's copy of the batch: no sync
         flops += micro_batch_flops(run, batch)
-        head_losses = head_losses + forward_backward(run, batch)
+        head_losses = head_losses + forward_backward(run, batch)  # (n,) float32 on the device
         if i < run.accum - 1:
             engine.step()  # no-op inside the accumulation window
-    # Every rank, before the update: the step's numbers and any stop request, in one all-reduce.
-    n = len(run.cfg.model.head_weights)
-    summed = all_reduce_sum([*(head_losses / run.accum).tolist(), tokens, flops, float(run.stop.requested())],
-                            run.info.device)
-    heads = summed[:n] / run.info.world_size
-    loss = float(torch.tensor(run.cfg.model.head_weights, dtype=torch.float64) @ heads)
+    # Every rank, before the update: the step's counts and any stop request in one all-reduce, over gloo
+    # (no device sync), or with the losses when this step reads them (one collective either way).
+    host = [tokens, flops, float(run.stop.requested())]
+    if read_losses:
+        heads, loss, counts = reduce_losses(run, head_losses, host)
+    else:
+        heads, loss, counts = None, None, all_reduce_sum_host(host)
     with run.timer("observe"):
         run.grads.before_step(state.step + 1, run.log, engine.loss_scale())
         bad_layer = None
-        if not math.isfinite(loss) and (run.cfg.train.on_nonfinite == "stop" or
-                                        run.skipped_in_a_row + 1 >= run.cfg.train.max_skipped_in_a_row):
+        if read_losses and not math.isfinite(loss) and (run.cfg.train.on_nonfinite == "stop" or
+                                                        run.skipped_in_a_row + 1 >= run.cfg.train.max_skipped_in_a_row):
             bad_layer = run.grads.first_nonfinite_layer(engine.loss_scale()) or "none (the loss itself)"
     with run.timer("optimizer"):
         applied = engine.step()
@@ -112,20 +143,24 @@ def train_step(run: Run, batches) -> dict[str, float]:
         write_sample_keys(run, micro)
     run.skipped_in_a_row = 0 if applied else run.skipped_in_a_row + 1
     state.skipped_steps += not applied
+    if not applied and heads is None:  # every rank skipped it: all read the losses, for the warning and the log
+        heads, loss, _ = reduce_losses(run, head_losses)
     if not applied:
         on_skipped_step(run, loss, bad_layer)
-    elif not math.isfinite(loss):  # an engine without an overflow check (no ZeRO) applied it: weights are lost
+    elif loss is not None and not math.isfinite(loss):  # an engine without an overflow check (no ZeRO) applied it
         raise NonFiniteStop(f"loss is {loss} at step {state.step} and the engine applied the update (ZeRO stage "
                             f"{engine.zero_stage} does not check gradients): use ZeRO stage >= 1, lower the learning "
                             f"rate or check the data, and resume from the last checkpoint in {run.ckpt_dir}")
     elapsed = time.perf_counter() - t0
-    metrics = {"loss": loss, "lr": lr, "skipped": float(not applied), "skipped_steps": state.skipped_steps,
-               "step_time": elapsed, "data_wait": wait, "tokens_per_s": float(summed[n]) / elapsed,
+    metrics = {"lr": lr, "skipped": float(not applied), "skipped_steps": state.skipped_steps,
+               "step_time": elapsed, "data_wait": wait, "tokens_per_s": float(counts[0]) / elapsed,
                "samples_per_s": run.accum * len(micro[0]["keys"]) * run.info.world_size / elapsed,
-               "stop_requested": float(summed[n + 2] > 0), **run.timer.totals(),
-               **throughput_metrics(float(summed[n + 1]), elapsed, run.info.world_size, run.peak_flops),
-               **memory_metrics(run.info.device)}
-    grad_norm = engine.grad_norm()
+               "stop_requested": float(counts[2] > 0), **run.timer.totals(),
+               **throughput_metrics(float(counts[1]), elapsed, run.info.world_size, run.peak_flops)}
+    if heads is None:
+        return metrics
+    metrics.update({"loss": loss, **memory_metrics(run.info.device)})
+    grad_norm = engine.grad_norm()  # may read a device value: only on the steps that log
     if grad_norm is not None and applied:
         metrics["grad_norm"] = grad_norm
     metrics.update({f"loss_head{k}": float(v) for k, v in enumerate(heads)})
@@ -181,7 +216,7 @@ def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | 
             sums[2 + 2 * k] += int(((pred[:, k] == targets[:, k]) & valid[:, k]).sum())
             sums[3 + 2 * k] += int(valid[:, k].sum())
         if recorder is not None:
-            recorder.add(batch["images"], targets, pred, keep)
+            recorder.add(normalize_images(batch["images"], images.shape[-1]), targets, pred, keep)  # float32, host
     engine.train()
     extra = recorder.position_counts() if recorder is not None else torch.zeros(0, dtype=torch.float64)
     total = all_reduce_sum(torch.cat([sums, extra.flatten()]), run.info.device)
@@ -244,12 +279,14 @@ def run_epoch(run: Run) -> None:
     loader.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
     batches = iter(loader)
     end = run.steps_per_epoch * run.accum  # micro-batches past this (< accum of them) are left unused
+    shown_loss = float("nan")  # the progress bar shows the last loss read (losses_due)
     try:
         while state.batch_in_epoch + run.accum <= end and state.step < run.stop_at:
             metrics = train_step(run, batches)
             if state.step % run.cfg.log.log_every == 0 or state.step == run.total_steps or metrics["skipped"]:
                 run.log.scalars(state.step, metrics)
-            run.log.progress(state.step, run.total_steps, epoch=state.epoch, loss=metrics["loss"],
+            shown_loss = metrics.get("loss", shown_loss)
+            run.log.progress(state.step, run.total_steps, epoch=state.epoch, loss=shown_loss,
                              lr=metrics["lr"], tok_s=round(metrics["tokens_per_s"]))
             epoch_done = state.batch_in_epoch + run.accum > end
             if epoch_done:

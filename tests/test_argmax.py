@@ -1,0 +1,141 @@
+"""The certified shortlist argmax (model/argmax.py) is the full vocabulary's argmax, exactly: where the
+certificate holds and, through its fallback, where it must fail (rows outside the shortlist that win);
+the model rebuilds it when the weights change; the stacked draft heads compute ExtraHeads' states."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm_dist.config import load_config
+from vlm_dist.model import VLM
+from vlm_dist.model.argmax import CertifiedArgmax
+from vlm_dist.model.heads import FusedHeads
+
+V, D = 5000, 64
+
+
+def trained_like(seed=0, outliers=40, dtype=torch.float32):
+    """Rows as training leaves them: most in a small ball around one centre (tokens never used), a few
+    far from it (the used ones). Returns W (V, D) and the outlier ids."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(D, generator=g) * 0.2
+    W = centre + 0.02 * torch.randn(V, D, generator=g)
+    used = torch.randperm(V, generator=g)[:outliers]
+    W[used] = torch.randn(outliers, D, generator=g) * 0.3
+    return W.to(dtype), used
+
+
+def full_argmax(x, W):
+    return F.linear(x.to(W.dtype), W).argmax(dim=-1)
+
+
+def states(n, seed=1, dtype=torch.float32):
+    """Normalised hidden states like a final LayerNorm's output."""
+    g = torch.Generator().manual_seed(seed)
+    return F.layer_norm(torch.randn(n, D, generator=g), (D,)).to(dtype)
+
+
+def test_certificate_holds_and_matches_full_argmax_on_trained_like_weights():
+    W, used = trained_like()
+    table = CertifiedArgmax(W)
+    assert set(used.tolist()) <= set(table.ids.tolist())  # the shortlist found the used tokens from W alone
+    x = states(400)
+    x = x + 3 * F.normalize(W[used[torch.arange(400) % len(used)]], dim=1)  # states that point at a used token
+    assert torch.equal(table(x), full_argmax(x, W))
+    assert table.rows == 400 and table.fallback_rows < 20  # nearly every row certified
+    assert torch.equal(table(x[:1]), full_argmax(x[:1], W))  # a single row too
+
+
+def test_adversarial_rows_outside_the_shortlist_fall_back_and_stay_exact():
+    W, used = trained_like(outliers=300)
+    table = CertifiedArgmax(W, size=64)  # a shortlist smaller than the used tokens: some winners are outside
+    short = set(table.ids.tolist())
+    outside = torch.tensor([i for i in used.tolist() if i not in short])
+    assert len(outside) > 100
+    x = torch.cat([F.normalize(W[outside[:50]], dim=1) * 8, states(50)])
+    assert torch.equal(table(x), full_argmax(x, W))
+    assert table.fallback_rows >= 50  # every state pointing outside the shortlist failed the certificate
+
+    # a row outside a given shortlist with a huge norm, aligned with x: it wins, the certificate must fail
+    W2 = W.clone()
+    j = outside[0].item()
+    W2[j] = 50 * F.normalize(W[j], dim=0)
+    ids = torch.tensor(sorted(short))
+    table2 = CertifiedArgmax(W2, ids=ids)
+    x2 = torch.cat([F.normalize(W2[j], dim=0)[None] * 8, states(20, seed=5)])  # also states where j wins less plainly
+    assert table2(x2[:1]).item() == j
+    assert torch.equal(table2(x2), full_argmax(x2, W2))
+    assert table2.fallback_rows >= 1
+
+    # a winner outside the shortlist by a hair (1e-6 relative) over the best shortlist row
+    inside = ids[0].item()
+    W3 = W.clone()
+    W3[j] = W3[inside] * (1 + 1e-6)
+    table3 = CertifiedArgmax(W3, ids=ids)
+    x3 = F.normalize(W3[inside], dim=0)[None] * 8
+    assert table3(x3).item() == full_argmax(x3, W3).item() == j
+    assert table3.fallback_rows == 1
+
+
+def test_untrained_weights_fall_back_to_the_full_argmax():
+    torch.manual_seed(0)
+    W = torch.randn(V, D) * 0.02  # every row alike: no certificate can hold for most states
+    table = CertifiedArgmax(W)
+    x = states(64)
+    assert torch.equal(table(x), full_argmax(x, W))
+    assert table.fallback_rows > 32
+
+
+def test_bf16_certified_argmax_equals_bf16_full_argmax():
+    W, used = trained_like(seed=3, dtype=torch.bfloat16)
+    table = CertifiedArgmax(W)
+    x = (states(200, seed=4) + 3 * F.normalize(W[used[torch.arange(200) % len(used)]].float(), dim=1)).to(torch.bfloat16)
+    assert torch.equal(table(x), full_argmax(x, W))
+    assert table.fallback_rows < 20
+
+
+def test_shortlist_is_the_whole_vocabulary_when_asked():
+    W, _ = trained_like()
+    table = CertifiedArgmax(W, size=V)
+    x = states(10)
+    assert torch.equal(table(x), full_argmax(x, W)) and table.fallback_rows == 0
+
+
+def model_tiny(n_future=4):
+    torch.manual_seed(0)
+    return VLM(load_config("tiny", [f"model.n_future={n_future}"]).model).eval()
+
+
+def test_model_rebuilds_the_table_when_weights_change():
+    model = model_tiny()
+    x = torch.randn(5, model.cfg.d_model)
+    first = model.argmax_table()
+    assert model.argmax_table() is first  # cached while the weights stand
+    with torch.no_grad():
+        model.lm_head.weight[7] += 100 * F.normalize(x[0], dim=0)  # an in-place update (as an optimizer step)
+    assert model.argmax_table() is not first
+    assert model.greedy_ids(x)[0].item() == 7
+    assert torch.equal(model.greedy_ids(x), F.linear(x, model.lm_head.weight).argmax(-1))
+    assert model.fused_heads() is model.fused_heads()
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_heads_equal_the_extra_heads(B):
+    """FusedHeads (folded norms, stacked heads, one query position) gives ExtraHeads' states at that
+    position, and writes the same keys and values into the cache."""
+    model = model_tiny()
+    T = 5
+    images = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 1000, (B, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_cache = model.new_cache(B)
+        ref = model.step_states(ids, ref_cache, images=images)[1:]  # per extra head (B, T, D)
+        cache = model.new_cache(B)
+        h = model.trunk(model.embed(images, ids), cache)
+        at = torch.tensor([T - 1, 2, 0][:B]) + model.n_image_tokens
+        got = FusedHeads(model.extra_heads)(h, cache, model.cfg.n_layers, at)  # (m, B, D)
+    for k in range(len(ref)):
+        torch.testing.assert_close(got[k], ref[k][torch.arange(B), at - model.n_image_tokens], atol=1e-5, rtol=1e-5)
+    S = model.n_image_tokens + T
+    torch.testing.assert_close(cache.k[:, :, :, :S], ref_cache.k[:, :, :, :S], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v[:, :, :, :S], ref_cache.v[:, :, :, :S], atol=1e-5, rtol=1e-5)
