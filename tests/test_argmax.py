@@ -139,3 +139,39 @@ def test_fused_heads_equal_the_extra_heads(B):
     S = model.n_image_tokens + T
     torch.testing.assert_close(cache.k[:, :, :, :S], ref_cache.k[:, :, :, :S], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.v[:, :, :, :S], ref_cache.v[:, :, :, :S], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_sees_weights_updated_through_data():
+    """DeepSpeed's ZeRO optimizer writes the weights through `.data` (same storage, no version bump): a
+    decode after such an update must not use the argmax table built from the old weights."""
+    from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.speculative import speculative_generate_batch
+    from vlm_dist.text import get_tokenizer, prompt_tokens
+
+    model = model_tiny()
+    W = model.lm_head.weight
+    Vm, Dm = W.shape
+    g = torch.Generator().manual_seed(0)
+    b = F.normalize(torch.randn(Dm, generator=g), dim=0)
+    with torch.no_grad():  # every head-0 state is b (the final norm's bias), the rows trained-like
+        model.norm.weight.zero_()
+        model.norm.bias.copy_(b)
+        W.copy_(0.1 * torch.randn(Dm, generator=g) + 0.01 * torch.randn(Vm, Dm, generator=g))
+        W[100:400] = torch.randn(300, Dm, generator=g) * 0.3
+        W[123] = 5 * b  # the winner, in the shortlist
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    prompts = [prompt_tokens(get_tokenizer(), None)] * 2
+
+    def check():
+        want = generate(model, images, prompts, max_new_tokens=4, use_cache=False)  # full logits: the reference
+        assert generate(model, images, prompts, max_new_tokens=4) == want
+        assert speculative_generate_batch(model, images, prompts, max_new_tokens=4)[0] == want
+        return want
+
+    assert check()[0][0] == 123
+    assert model.argmax_table().fallback_rows == 0  # the certificate held: the table decided
+    j = 40000  # far from the old shortlist; now the winner
+    new = W.detach().clone()
+    new[j] = 9 * b
+    W.data.copy_(new)  # as ZeRO's optimizer step does
+    assert check()[0][0] == j

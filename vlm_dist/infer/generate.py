@@ -56,6 +56,7 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ends = torch.tensor([l + max_new_tokens for l in lengths], device=device)
     in_prompt_len = torch.tensor(lengths, device=device)
+    model.refresh_decode_caches()  # weights updated through .data (ZeRO's optimizer) since the last decode
     was_training = model.training
     if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
         model.eval()

@@ -243,6 +243,7 @@ class VLM(nn.Module):
         key = tuple((p.data_ptr(), p._version) for p in self.extra_heads.parameters())
         if getattr(self, "_fused_key", None) != key:
             self._fused, self._fused_key = FusedHeads(self.extra_heads), key
+            self._fused_src = [p.detach().clone() for p in self.extra_heads.parameters()]
         return self._fused
 
     @torch.no_grad()
@@ -259,4 +260,23 @@ class VLM(nn.Module):
         key = (W.data_ptr(), W._version, W.dtype, W.device)
         if getattr(self, "_argmax_key", None) != key:
             self._argmax, self._argmax_key = CertifiedArgmax(W), key
+            self._argmax_src = W.detach().clone()  # the values it was built from (refresh_decode_caches)
         return self._argmax
+
+    @torch.no_grad()
+    def refresh_decode_caches(self) -> None:
+        """Drop the cached argmax table and stacked heads if their weights' VALUES changed since they were
+        built. Their keys (data_ptr, _version) miss an update written through `.data`, and that is how
+        DeepSpeed's ZeRO optimizer writes the weights after each step (the same storage, no version bump):
+        a stale table would decide greedy tokens from old rows and an old certificate. So every decode
+        (infer/generate.py, infer/speculative.py) calls this once: one comparison of the (V, D)
+        unembedding and the heads' parameters with copies (cheaper than one full unembedding matmul)."""
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+        src = getattr(self, "_argmax_src", None)
+        if src is not None and not same(src, self.lm_head.weight):
+            self._argmax_key = self._argmax_src = None
+        src = getattr(self, "_fused_src", None)
+        if src is not None and not all(same(a, p) for a, p in zip(src, self.extra_heads.parameters())):
+            self._fused_key = self._fused_src = None
