@@ -98,7 +98,9 @@ def test_shortlist_is_the_whole_vocabulary_when_asked():
     W, _ = trained_like()
     table = CertifiedArgmax(W, size=V)
     x = states(10)
-    assert torch.equal(table(x), full_argmax(x, W)) and table.fallback_rows == 0
+    assert torch.equal(table(x), full_argmax(x, W)) and table.fallback_rows == 0 and table.rows == 10
+    with pytest.raises(ValueError, match="non-empty shortlist"):
+        CertifiedArgmax(W, size=0)
 
 
 def model_tiny(n_future=4):
