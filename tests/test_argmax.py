@@ -183,3 +183,21 @@ def test_decoding_sees_weights_updated_through_data():
     W.data.copy_(new)
     model.refresh_decode_caches()  # an eval-mode model: the caller says the weights changed
     assert check()[0][0] == j + 1
+
+
+def test_autocast_does_not_void_the_certificate():
+    """Under autocast the shortlist matmul would run in bf16 while the rounding allowance is fp32's:
+    a row outside the shortlist that wins by 0.01 must not be hidden by bf16 rounding of the logits."""
+    Dn = 8
+    e0, v = torch.eye(Dn)[0], torch.eye(Dn)[1]
+    c, R = 100 * e0, 0.045
+    rows = [c + 0.044 * v, -c]  # the shortlist: row 0 (close to the winner), row 1 (far away)
+    rows += [c + R * v, c - R * v]  # outside: row 2 wins, the ball around c has radius R
+    rows += [c + R * s * torch.eye(Dn)[k] for k in range(2, Dn) for s in (1, -1)]
+    W = torch.stack(rows)
+    x = (1.0024 * e0 + 10 * v)[None]  # x . c = 100.24; logits: row 0 100.68, row 2 100.69
+    assert F.linear(x, W).argmax().item() == 2
+    table = CertifiedArgmax(W, ids=torch.tensor([0, 1]))
+    assert table(x).item() == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert table(x).item() == 2
