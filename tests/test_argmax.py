@@ -201,3 +201,21 @@ def test_autocast_does_not_void_the_certificate():
     assert table(x).item() == 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert table(x).item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_states_and_weights_give_the_full_argmax(dtype):
+    """NaN / inf in a state or in a weight row (inside or outside the shortlist) never certifies a
+    wrong row: such rows fall back and answer what the full matmul's argmax answers."""
+    W, used = trained_like(dtype=dtype)
+    table = CertifiedArgmax(W)
+    x = states(6, dtype=dtype)
+    x[0, 3], x[1, 5], x[2] = float("nan"), float("inf"), float("-inf")
+    x[3] = 0
+    assert torch.equal(table(x), full_argmax(x, W))
+    outside = next(i for i in range(V) if i not in set(table.ids.tolist()))
+    for row, value in [(used[0].item(), float("nan")), (outside, float("inf")), (outside, float("nan"))]:
+        W2 = W.clone()
+        W2[row, 0] = value
+        x2 = states(8, seed=7, dtype=dtype)
+        assert torch.equal(CertifiedArgmax(W2, ids=table.ids)(x2), full_argmax(x2, W2)), (row, value)
