@@ -273,8 +273,9 @@ class VLM(nn.Module):
         a stale table would decide greedy tokens from old rows and an old certificate. So a decode of a
         model in training mode (infer/generate.py, infer/speculative.py: the trainer's generation eval)
         calls this once: one comparison of the (V, D) unembedding and the heads' parameters with copies
-        (~3-10 ms at the demo width on this CPU; a model in eval mode, loaded for inference, skips it).
-        Call it yourself after writing an eval-mode model's weights through `.data`."""
+        (3.6 ms at the demo width on this CPU, docs/bench/review_spec9_perf13.md; a model in eval mode,
+        loaded for inference, skips it). Call it yourself after writing an eval-mode model's weights
+        through `.data`."""
         def same(a: torch.Tensor, b: torch.Tensor) -> bool:
             return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
