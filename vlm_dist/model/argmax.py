@@ -77,7 +77,8 @@ class CertifiedArgmax:
         ids = ids.to(W.device).unique()  # sorted: ties break towards the lower id, as in a full argmax
         K = ids.numel()
         if K == 0:
-            raise ValueError("CertifiedArgmax needs a non-empty shortlist: pass size >= 1 or some ids (or None: the default)")
+            raise ValueError("CertifiedArgmax needs a non-empty shortlist: pass size >= 1 or some ids "
+                             "(or None: the default)")
         outside = torch.ones(V, dtype=torch.bool, device=W.device)
         outside[ids] = False
         self.weight, self.ids, self.size = W, ids, K
