@@ -98,7 +98,9 @@ def test_shortlist_is_the_whole_vocabulary_when_asked():
     W, _ = trained_like()
     table = CertifiedArgmax(W, size=V)
     x = states(10)
-    assert torch.equal(table(x), full_argmax(x, W)) and table.fallback_rows == 0
+    assert torch.equal(table(x), full_argmax(x, W)) and table.fallback_rows == 0 and table.rows == 10
+    with pytest.raises(ValueError, match="non-empty shortlist"):
+        CertifiedArgmax(W, size=0)
 
 
 def model_tiny(n_future=4):
@@ -139,3 +141,81 @@ def test_fused_heads_equal_the_extra_heads(B):
     S = model.n_image_tokens + T
     torch.testing.assert_close(cache.k[:, :, :, :S], ref_cache.k[:, :, :, :S], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.v[:, :, :, :S], ref_cache.v[:, :, :, :S], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_sees_weights_updated_through_data():
+    """DeepSpeed's ZeRO optimizer writes the weights through `.data` (same storage, no version bump): a
+    decode after such an update must not use the argmax table built from the old weights."""
+    from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.speculative import speculative_generate_batch
+    from vlm_dist.text import get_tokenizer, prompt_tokens
+
+    model = model_tiny()
+    W = model.lm_head.weight
+    Vm, Dm = W.shape
+    g = torch.Generator().manual_seed(0)
+    b = F.normalize(torch.randn(Dm, generator=g), dim=0)
+    with torch.no_grad():  # every head-0 state is b (the final norm's bias), the rows trained-like
+        model.norm.weight.zero_()
+        model.norm.bias.copy_(b)
+        W.copy_(0.1 * torch.randn(Dm, generator=g) + 0.01 * torch.randn(Vm, Dm, generator=g))
+        W[100:400] = torch.randn(300, Dm, generator=g) * 0.3
+        W[123] = 5 * b  # the winner, in the shortlist
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    prompts = [prompt_tokens(get_tokenizer(), None)] * 2
+
+    def check():
+        want = generate(model, images, prompts, max_new_tokens=4, use_cache=False)  # full logits: the reference
+        assert generate(model, images, prompts, max_new_tokens=4) == want
+        assert speculative_generate_batch(model, images, prompts, max_new_tokens=4)[0] == want
+        return want
+
+    assert check()[0][0] == 123
+    assert model.argmax_table().fallback_rows == 0  # the certificate held: the table decided
+    j = 40000  # far from the old shortlist; now the winner
+    new = W.detach().clone()
+    new[j] = 9 * b
+    W.data.copy_(new)  # as ZeRO's optimizer step does, on a model in training
+    model.train()  # (decoding a model in training rechecks the weights' values)
+    assert check()[0][0] == j
+    model.eval()
+    new[j + 1] = 11 * b
+    W.data.copy_(new)
+    model.refresh_decode_caches()  # an eval-mode model: the caller says the weights changed
+    assert check()[0][0] == j + 1
+
+
+def test_autocast_does_not_void_the_certificate():
+    """Under autocast the shortlist matmul would run in bf16 while the rounding allowance is fp32's:
+    a row outside the shortlist that wins by 0.01 must not be hidden by bf16 rounding of the logits."""
+    Dn = 8
+    e0, v = torch.eye(Dn)[0], torch.eye(Dn)[1]
+    c, R = 100 * e0, 0.045
+    rows = [c + 0.044 * v, -c]  # the shortlist: row 0 (close to the winner), row 1 (far away)
+    rows += [c + R * v, c - R * v]  # outside: row 2 wins, the ball around c has radius R
+    rows += [c + R * s * torch.eye(Dn)[k] for k in range(2, Dn) for s in (1, -1)]
+    W = torch.stack(rows)
+    x = (1.0024 * e0 + 10 * v)[None]  # x . c = 100.24; logits: row 0 100.68, row 2 100.69
+    assert F.linear(x, W).argmax().item() == 2
+    table = CertifiedArgmax(W, ids=torch.tensor([0, 1]))
+    assert table(x).item() == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert table(x).item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_states_and_weights_give_the_full_argmax(dtype):
+    """NaN / inf in a state or in a weight row (inside or outside the shortlist) never certifies a
+    wrong row: such rows fall back and answer what the full matmul's argmax answers."""
+    W, used = trained_like(dtype=dtype)
+    table = CertifiedArgmax(W)
+    x = states(6, dtype=dtype)
+    x[0, 3], x[1, 5], x[2] = float("nan"), float("inf"), float("-inf")
+    x[3] = 0
+    assert torch.equal(table(x), full_argmax(x, W))
+    outside = next(i for i in range(V) if i not in set(table.ids.tolist()))
+    for row, value in [(used[0].item(), float("nan")), (outside, float("inf")), (outside, float("nan"))]:
+        W2 = W.clone()
+        W2[row, 0] = value
+        x2 = states(8, seed=7, dtype=dtype)
+        assert torch.equal(CertifiedArgmax(W2, ids=table.ids)(x2), full_argmax(x2, W2)), (row, value)

@@ -270,3 +270,15 @@ def test_image_path_matches_open_clip_transform():
     raws = [photo_jpeg(80, 60, k) for k in range(3)]
     stacked = normalize_images(torch.stack([itt.pixels(r) for r in raws]), 32)  # collate + the trainer
     assert torch.equal(stacked, torch.stack([itt(r) for r in raws])) and stacked.is_contiguous()
+
+
+def test_normalize_refuses_float_images():
+    """Only uint8 pixels are normalised: a float batch (already the model's input) would otherwise be
+    divided by 255 a second time without any error."""
+    from vlm_dist.data.samples import normalize_images
+
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    once = normalize_images(pixels, 32)
+    assert once.dtype == torch.float32 and once.abs().max() > 0.5
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_images(once, 32)

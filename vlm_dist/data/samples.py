@@ -58,6 +58,10 @@ class ImageToTensor:
         """(..., 3, S, S) uint8, on any device -> float32, contiguous: ToTensor's x / 255 then Normalize's
         (x - mean) / std, the same float32 operations in the same order, so the values are bit-identical
         to theirs (the trainer runs this on the device: train/loop.py to_device)."""
+        if pixels.dtype != torch.uint8:  # a float tensor is the model's input already: a second pass would corrupt it
+            raise TypeError(f"normalize takes uint8 pixels (a loader batch's images, ImageToTensor.pixels); got "
+                            f"{pixels.dtype}: float images are already normalised (ImageToTensor.__call__), feed "
+                            f"them to the model as they are")
         if pixels.device not in self._on_device:  # copied once: a host -> GPU copy each step would wait for the GPU
             self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
         mean, std = self._on_device[pixels.device]

@@ -57,6 +57,8 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     ends = torch.tensor([l + max_new_tokens for l in lengths], device=device)
     in_prompt_len = torch.tensor(lengths, device=device)
     was_training = model.training
+    if was_training:  # a model in training: ZeRO's optimizer writes its weights through .data (no version bump)
+        model.refresh_decode_caches()
     if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
         model.eval()
     cache = model.new_cache(B) if use_cache else None

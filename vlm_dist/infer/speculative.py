@@ -45,6 +45,8 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     device = next(model.parameters()).device
     images = images.to(device, model.projector.weight.dtype)
     was_training = model.training
+    if was_training:  # a model in training: ZeRO's optimizer writes its weights through .data (no version bump)
+        model.refresh_decode_caches()
     if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
         model.eval()
 

@@ -73,9 +73,12 @@ class CertifiedArgmax:
         Wf = W.float()
         if ids is None:
             dist = (Wf - Wf.median(dim=0).values).norm(dim=1)  # (V,)
-            ids = dist.topk(min(V, size or shortlist_size(dist))).indices
+            ids = dist.topk(min(V, shortlist_size(dist) if size is None else max(size, 0))).indices
         ids = ids.to(W.device).unique()  # sorted: ties break towards the lower id, as in a full argmax
         K = ids.numel()
+        if K == 0:
+            raise ValueError("CertifiedArgmax needs a non-empty shortlist: pass size >= 1 or some ids "
+                             "(or None: the default)")
         outside = torch.ones(V, dtype=torch.bool, device=W.device)
         outside[ids] = False
         self.weight, self.ids, self.size = W, ids, K
@@ -94,18 +97,26 @@ class CertifiedArgmax:
         self.rows = self.fallback_rows = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (N,) ids: the full vocabulary's argmax of x @ W^T for every row."""
+        """x (N, D) -> (N,) ids: the full vocabulary's argmax of x @ W^T for every row. Autocast is off
+        inside: the rounding allowance is the table dtype's, and a bf16 matmul under autocast would
+        round the logits (and inputs) far more than it allows (tests/test_argmax.py)."""
+        if not torch.is_autocast_enabled(x.device.type):  # (the check costs 0.2 us, the context 2.6 us)
+            return self._argmax(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._argmax(x)
+
+    def _argmax(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
         s = F.linear(x, self.table)  # (N, K+1)
         best, arg = s[:, :-1].max(dim=1)
         out = self.ids[arg]
+        self.rows += x.shape[0]
         if self.radius == float("-inf"):
             return out
         # x . w_j <= x . centre + radius ||x|| for every row j outside the shortlist (+ rounding); in fp32
         norm = (x if x.dtype == torch.float32 else x.float()).norm(dim=1)
         certified = best > torch.add(s[:, -1], norm, alpha=self.slack)  # bf16 logits meet an fp32 bound
-        self.rows += x.shape[0]
         if not bool(certified.all()):
             bad = (~certified).nonzero().squeeze(1)
             out[bad] = unembed_argmax(x[bad], self.weight)

@@ -52,6 +52,8 @@ def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.
     # open_clip's transform does; the engine casts the module to bf16/fp16, not the inputs: images must
     # follow. Token ids stay integer.
     images = normalize_images(batch["images"].to(dev, non_blocking=True), run.cfg.model.vision.geometry["image_size"])
+    if batch.get("poisoned"):  # test hook (RunOptions.poison): NaN images, made after the uint8 -> float step
+        images = images * float("nan")
     return (images.to(run.engine.dtype), batch["input_ids"].to(dev, non_blocking=True),
             batch["targets"].to(dev, non_blocking=True))
 
@@ -79,7 +81,7 @@ def next_batches(run: Run, batches) -> tuple[list[dict], float]:
         batch = next(batches)
         wait += time.perf_counter() - t
         if i == 0 and run.state.step + 1 in run.poison:
-            batch = {**batch, "images": batch["images"] * float("nan")}
+            batch = {**batch, "poisoned": True}  # to_device makes its images NaN (uint8 holds no NaN)
         out.append(batch)
     return out, wait
 
