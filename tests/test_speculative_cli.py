@@ -57,3 +57,18 @@ def test_eval_speculative_reports_stats_and_same_predictions(export_and_shards, 
     assert [p["prediction"] for p in a["predictions"]] == [p["prediction"] for p in b["predictions"]]
     s = b["metrics"]["speculative"]
     assert len(s["accepted_per_position"]) == 3 and s["tokens"] > 0 and "tokens per model call" in spec.output
+
+
+def test_speculative_on_a_model_without_extra_heads_says_so(export_and_shards, tmp_path):
+    root, _ = export_and_shards
+    torch.manual_seed(0)
+    save_export(VLM(load_config("tiny", ["model.n_future=1"]).model).eval(), tmp_path / "export1")
+    image = sorted((root / "data" / "images" / "val2017").glob("*.jpg"))[0]
+    args = ["generate", "--model", str(tmp_path / "export1"), "--image", str(image), "--max-new-tokens", "5", "--json"]
+    greedy, spec = runner.invoke(app, args), runner.invoke(app, [*args, "--speculative"])
+    assert spec.exit_code == 0 and greedy.exit_code == 0, spec.output
+    assert "no multi-token heads" in spec.stderr and "no multi-token heads" not in greedy.stderr
+    assert spec.stdout == greedy.stdout  # still greedy's text
+    with_heads = runner.invoke(app, ["generate", "--model", str(root / "export"), "--image", str(image),
+                                     "--max-new-tokens", "5", "--speculative"])
+    assert with_heads.exit_code == 0 and "no multi-token heads" not in with_heads.stderr

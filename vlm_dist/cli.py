@@ -17,10 +17,22 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verified by the model, a batch in one "
-                    "loop: output identical to greedy. Measured on 2 CPU cores, 1 thread, fp32, the demo export with n_future 4 "
+                    "loop: output identical to greedy; needs a model with model.n_future > 1 (base: 4; the demo preset: 1). "
+                    "Measured on 2 CPU cores, 1 thread, fp32, a demo export with n_future 4 "
                     "(docs/bench/issue9_round3.md): 1.0-1.1x greedy's tokens/s at batch 1, 1.06-1.16x at batch 8 "
                     "(greedy's argmax is certified from a shortlist too, so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
+
+
+def _note_no_drafts(n_future: int) -> None:
+    """--speculative on a model without extra heads is plain greedy decoding: say so instead of silently
+    reporting 1 token per call."""
+    if n_future < 2:
+        typer.echo("note: this model has no multi-token heads (model.n_future 1, as the demo preset), so "
+                   "--speculative drafts nothing: 1 token per call, greedy's speed; train with --set "
+                   "model.n_future=4 for drafts", err=True)
+
+
 config_app = typer.Typer(help="Inspect run configurations and presets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -331,6 +343,7 @@ def generate_cmd(
             typer.echo("error: --speculative is greedy decoding (its output is exactly greedy's); speculative "
                        "sampling is not implemented: drop --temperature or drop --speculative", err=True)
             raise typer.Exit(2)
+        _note_no_drafts(cfg.n_future)
         tok = get_tokenizer()
         t0 = time.perf_counter()
         rows, stats = speculative_generate_batch(model, torch.stack(tensors), [prompt_tokens(tok, question)] * len(image),
@@ -366,7 +379,9 @@ def eval_cmd(
     from vlm_dist.infer.load import ExportError, load_exported
 
     try:
-        model, _ = load_exported(model_dir)
+        model, cfg = load_exported(model_dir)
+        if speculative:
+            _note_no_drafts(cfg.n_future)
         result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      speculative=speculative)
     except (ExportError, ShardSpecError, EvalDataError) as err:

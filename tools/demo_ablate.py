@@ -1,0 +1,149 @@
+"""Quick ablations of the demo task in plain PyTorch: train the `demo` preset (with overrides) on in-memory
+demo scenes and print held-out accuracy every --eval-every steps, split by one- and two-shape scenes.
+
+    python tools/demo_ablate.py --steps 1600 --lr 5e-4 --set model.n_future=1 --tag nf1
+
+One process, one thread, no DeepSpeed: a cheap stand-in for `make demo` (tools/run_demo.sh) when
+comparing settings, not a replacement for it. Images take the trainer's path (64 px JPEG as demo-data
+writes them -> ImageToTensor), batches mix captions and one random question per image (--qa), AdamW
+with linear warm-up and cosine decay to --min-ratio, as ds_configs/demo_zero2.json.
+
+Accuracy is teacher-forced exact match on 150 held-out scenes (every caption and every question):
+a sample counts when the argmax of the next-token head equals the reference at every target position,
+end token included. That is exactly greedy decoding's exact match (greedy reproduces the reference iff
+each reference token is the argmax after the reference prefix), at the cost of one forward pass.
+Keys: "caption/1", "what colour/2", ... (one- / two-shape scenes), then the type over both, and "qa".
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vlm_dist.config import load_config  # noqa: E402
+from vlm_dist.data.demo import caption, make_scene, questions, render  # noqa: E402
+from vlm_dist.data.samples import ImageToTensor  # noqa: E402
+from vlm_dist.model import VLM  # noqa: E402
+from vlm_dist.text import IGNORE_INDEX, build_example, collate_examples, get_tokenizer, make_targets  # noqa: E402
+
+
+def scenes(n: int, seed: str, to_tensor: ImageToTensor) -> list[tuple[torch.Tensor, str, list[tuple[str, str]]]]:
+    """n demo scenes: (image in the model's input transform, caption, [(question, answer)])."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        scene = make_scene(rng)
+        buf = io.BytesIO()
+        render(scene, rng, 64).save(buf, "JPEG", quality=90, subsampling=0)  # as `vlm-dist demo-data` writes them
+        out.append((to_tensor(buf.getvalue()), caption(scene), questions(scene)))
+    return out
+
+
+def held_out(val, tok, max_len: int) -> tuple[list, list[int], list[str]]:
+    """Every caption and question of the held-out scenes: (examples, image index, key)."""
+    examples, image_of, keys = [], [], []
+    for i, (_, cap, qa) in enumerate(val):
+        n_shapes = "/2" if " and " in cap else "/1"
+        examples.append(build_example(tok, cap, max_len))
+        image_of.append(i)
+        keys.append("caption" + n_shapes)
+        for q, a in qa:
+            examples.append(build_example(tok, a, max_len, question=q))
+            image_of.append(i)
+            keys.append(" ".join(q.split()[:2]) + n_shapes)
+    return examples, image_of, keys
+
+
+@torch.no_grad()
+def evaluate(model: VLM, val, examples, image_of, keys, pad_id: int, bf16: bool) -> dict[str, float]:
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for s in range(0, len(examples), 128):
+        tokens, mask = collate_examples(examples[s:s + 128], pad_id)
+        inputs, targets = make_targets(tokens, mask, 1)
+        images = torch.stack([val[j][0] for j in image_of[s:s + 128]])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = model.trunk(model.embed(images, inputs))[:, model.n_image_tokens:]  # text positions (B, T, D)
+            pred = F.linear(model.norm(h), model.lm_head.weight).argmax(-1)  # next-token head only
+        t = targets[:, 0]
+        ok = ((pred == t) | (t == IGNORE_INDEX)).all(-1)
+        for key, o in zip(keys[s:s + 128], ok.tolist()):
+            hits.setdefault(key, []).append(o)
+    model.train()
+    out = {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+    by_type: dict[str, list[bool]] = {}
+    for k, v in hits.items():
+        by_type.setdefault(k[:-2], []).extend(v)
+    out.update({k: round(sum(v) / len(v), 3) for k, v in by_type.items()})
+    qa = [o for k, v in by_type.items() if k != "caption" for o in v]
+    out["qa"] = round(sum(qa) / len(qa), 3)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (the cosine decay spans them)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--tower-lr", type=float, default=None, help="peak learning rate of the vision tower (default --lr)")
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--min-ratio", type=float, default=0.05, help="final learning rate / peak")
+    p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--batch", type=int, default=32, help="samples per step (the demo's global batch)")
+    p.add_argument("--n-train", type=int, default=2000, help="distinct training scenes (the demo's N_TRAIN)")
+    p.add_argument("--qa", type=float, default=0.5, help="probability that a sample is a question (data.qa_fraction)")
+    p.add_argument("--set", action="append", default=[], help="config override on the demo preset, e.g. model.n_future=1")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (the demo's bf16 'auto' on CPUs with native bf16)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="run", help="label printed on every line")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config("demo", a.set)
+    tok, to_tensor = get_tokenizer(), ImageToTensor(cfg.model.vision.geometry["image_size"])
+    train, val = scenes(a.n_train, f"tr{a.seed}", to_tensor), scenes(150, "val", to_tensor)
+    examples, image_of, keys = held_out(val, tok, cfg.data.max_text_len)
+    torch.manual_seed(a.seed)
+    model = VLM(cfg.model)
+    tower = [q for n, q in model.named_parameters() if n.startswith("vision.") and q.requires_grad]
+    rest = [q for n, q in model.named_parameters() if not n.startswith("vision.")]
+    opt = torch.optim.AdamW([{"params": rest, "lr": a.lr}, {"params": tower, "lr": a.tower_lr or a.lr}],
+                            betas=(0.9, 0.95), weight_decay=a.wd)
+    peaks = [g["lr"] for g in opt.param_groups]
+    rng, t0 = random.Random(a.seed), time.time()
+    for step in range(1, a.steps + 1):
+        f = min(1.0, step / a.warmup) * (a.min_ratio + (1 - a.min_ratio) * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+        for g, peak in zip(opt.param_groups, peaks):
+            g["lr"] = peak * f
+        idx, batch = rng.sample(range(len(train)), a.batch), []
+        for i in idx:
+            _, cap, qa = train[i]
+            if qa and rng.random() < a.qa:
+                q, ans = rng.choice(qa)
+                batch.append(build_example(tok, ans, cfg.data.max_text_len, question=q))
+            else:
+                batch.append(build_example(tok, cap, cfg.data.max_text_len))
+        tokens, mask = collate_examples(batch, tok.pad_id)
+        inputs, targets = make_targets(tokens, mask, cfg.model.n_future)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            loss = model(torch.stack([train[i][0] for i in idx]), inputs, targets)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % a.eval_every == 0 or step == a.steps:
+            acc = evaluate(model, val, examples, image_of, keys, tok.pad_id, a.bf16)
+            print(json.dumps({"tag": a.tag, "step": step, "loss": round(loss.item(), 3),
+                              "seconds": round(time.time() - t0), **acc}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
