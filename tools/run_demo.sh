@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/demo}                 # demo images, annotations and shards
 RUN=${RUN:-runs/demo}                   # checkpoints/, tb/, metrics.jsonl, export/, eval.json, learning_curve.png
 DS_CONFIG=${DS_CONFIG:-ds_configs/demo_zero2.json}  # bf16 "auto": bf16 where the hardware has it natively, else fp32
-N_TRAIN=${N_TRAIN:-2000}               # the demo preset trains 16 epochs: 16 x N_TRAIN / 32 steps (global batch 32)
+N_TRAIN=${N_TRAIN:-4800}               # the demo preset trains 16 epochs: 16 x N_TRAIN / 32 steps (global batch 32)
 N_VAL=${N_VAL:-200}
 MASTER_PORT=${MASTER_PORT:-29500}       # set another where several runs share a machine
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
