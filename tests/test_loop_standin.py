@@ -14,6 +14,7 @@ from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
 from tests.helpers import losses, make_demo_shards, train_env
 from vlm_dist.config import load_config
+from vlm_dist.observe.logger import RunLogger
 from vlm_dist.train.engine import Engine, param_groups
 from vlm_dist.train.loop import RunOptions, train
 
@@ -140,6 +141,9 @@ def test_losses_read_only_on_logging_steps_and_logged_values_unchanged(one_rank,
     from tests.helpers import metrics
     from vlm_dist.train import loop
 
+    shown: list[dict] = []  # what the progress line showed at each step
+    monkeypatch.setattr(RunLogger, "progress", lambda self, step, total, **fields: shown.append({"step": step, **fields}))
+
     def run_logging(run_dir: Path, every: int) -> list[int]:
         read_at: list[int] = []
         real = loop.reduce_losses
@@ -156,10 +160,14 @@ def test_losses_read_only_on_logging_steps_and_logged_values_unchanged(one_rank,
         return read_at
 
     assert run_logging(tmp_path / "every1", 1) == [1, 2, 3, 4, 5, 6]
+    shown.clear()
     assert run_logging(tmp_path / "every4", 4) == [4, 6]
+    # before the first read the line shows no loss (it once showed "loss=nan"), then the last one read
+    assert [s["step"] for s in shown] == [1, 2, 3, 4, 5, 6] and all("loss" not in s for s in shown[:3])
     every1 = {r["step"]: r for r in metrics(tmp_path / "every1") if r["split"] == "train"}
     every4 = {r["step"]: r for r in metrics(tmp_path / "every4") if r["split"] == "train"}
     assert sorted(every4) == [4, 6]
     for step in (4, 6):
         for key in ("loss", "loss_head0", "loss_head1", "grad_norm", "lr"):
             assert every4[step][key] == every1[step][key], (step, key)
+    assert [s["loss"] for s in shown[3:]] == [every4[4]["loss"], every4[4]["loss"], every4[6]["loss"]]

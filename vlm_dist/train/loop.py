@@ -281,14 +281,15 @@ def run_epoch(run: Run) -> None:
     loader.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
     batches = iter(loader)
     end = run.steps_per_epoch * run.accum  # micro-batches past this (< accum of them) are left unused
-    shown_loss = float("nan")  # the progress bar shows the last loss read (losses_due)
+    shown_loss = None  # the progress bar shows the last loss read (losses_due); none yet this epoch
     try:
         while state.batch_in_epoch + run.accum <= end and state.step < run.stop_at:
             metrics = train_step(run, batches)
             if state.step % run.cfg.log.log_every == 0 or state.step == run.total_steps or metrics["skipped"]:
                 run.log.scalars(state.step, metrics)
             shown_loss = metrics.get("loss", shown_loss)
-            run.log.progress(state.step, run.total_steps, epoch=state.epoch, loss=shown_loss,
+            shown = {} if shown_loss is None else {"loss": shown_loss}
+            run.log.progress(state.step, run.total_steps, epoch=state.epoch, **shown,
                              lr=metrics["lr"], tok_s=round(metrics["tokens_per_s"]))
             epoch_done = state.batch_in_epoch + run.accum > end
             if epoch_done:
