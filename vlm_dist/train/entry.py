@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args = parse_args(argv)
     from vlm_dist.data.loader import ShardMismatchError
+    from vlm_dist.train.dist import shutdown
     from vlm_dist.train.loop import Preempted, RunOptions, train
     from vlm_dist.train.preempt import EXIT_ERROR
 
@@ -90,12 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        shutdown()
         return stop.exit_code
     except PretrainedWeightsError as err:  # one message per failing node, not one per rank; no traceback
         if err.report:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        shutdown()  # every rank learned of it together (train/weights.py)
         return EXIT_ERROR
     except expected_errors() as err:
-        report(err, agreed=not isinstance(err, ShardMismatchError))
+        agreed = not isinstance(err, ShardMismatchError)
+        report(err, agreed)
+        if agreed:  # a rank-local failure may leave other ranks inside a collective: no teardown then
+            shutdown()
         return EXIT_ERROR
+    shutdown()
     return 0
