@@ -29,6 +29,18 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 
 
 @torch.no_grad()
+def enter_decoding(model) -> bool:
+    """Put `model` in eval mode for a decode; returns whether it was training (then `model.train()` after).
+    A model in training first refreshes its decode caches: ZeRO's optimizer writes the weights through
+    .data, which bumps no version. eval() walks every module (~1 ms with the vision tower), so it runs
+    only when the model was training."""
+    was_training = model.training
+    if was_training:
+        model.refresh_decode_caches()
+        model.eval()
+    return was_training
+
+
 def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
              generator: torch.Generator | None = None) -> list[list[int]]:
@@ -56,11 +68,7 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ends = torch.tensor([l + max_new_tokens for l in lengths], device=device)
     in_prompt_len = torch.tensor(lengths, device=device)
-    was_training = model.training
-    if was_training:  # a model in training: ZeRO's optimizer writes its weights through .data (no version bump)
-        model.refresh_decode_caches()
-    if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
-        model.eval()
+    was_training = enter_decoding(model)
     cache = model.new_cache(B) if use_cache else None
     pos = start
     greedy = temperature <= 0

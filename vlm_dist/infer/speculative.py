@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm_dist.infer.generate import enter_decoding
 from vlm_dist.text import get_tokenizer
 
 @torch.no_grad()
@@ -44,11 +45,7 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                          f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
     device = next(model.parameters()).device
     images = images.to(device, model.projector.weight.dtype)
-    was_training = model.training
-    if was_training:  # a model in training: ZeRO's optimizer writes its weights through .data (no version bump)
-        model.refresh_decode_caches()
-    if was_training:  # eval() walks every module (~1 ms with the vision tower): only when needed
-        model.eval()
+    was_training = enter_decoding(model)
 
     # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
     # positions exact; the padding beyond them is hidden and overwritten once lengths are per row.

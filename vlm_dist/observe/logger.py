@@ -53,7 +53,7 @@ def truncate_jsonl(path: Path, after_step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= after_step]
+    keep = [line for line in lines if (step := _step_of(line)) is not None and step <= after_step]
     if len(keep) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
