@@ -21,8 +21,8 @@ CAPTION = re.compile(r"a (small|large) (red|green|blue|yellow) (circle|square|tr
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
+def demo(module_dir) -> Path:
+    out = module_dir("demo")
     make_demo_data(out, n_train=60, n_val=10, seed=3)
     return out
 

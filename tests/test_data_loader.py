@@ -26,9 +26,9 @@ N_TRAIN = 120
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
+def demo(module_dir) -> dict:
     """Demo set (120 images, ~660 questions) -> shard-coco (shards of 32: 32/32/32/24) + the truth."""
-    root = tmp_path_factory.mktemp("demo")
+    root = module_dir("demo")
     paths = make_demo_data(root, n_train=N_TRAIN, n_val=0, seed=5)["train"]
     shard_coco(paths["images"], [paths["captions"]], root / "shards", vqa_questions=paths["vqa_questions"],
                vqa_annotations=paths["vqa_annotations"], shard_size=32, progress=False, log=lambda m: None)

@@ -26,8 +26,8 @@ def test_normalise_ignores_case_punctuation_and_spacing():
 
 
 @pytest.fixture(scope="module")
-def export_and_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
+def export_and_shards(module_dir):
+    root = module_dir("eval")
     shards = make_demo_shards(root / "data", n_train=8, n_val=6, shard_size=4)
     torch.manual_seed(0)
     save_export(VLM(load_config("tiny").model).eval(), root / "export")

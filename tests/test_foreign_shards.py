@@ -73,8 +73,8 @@ def make_img2dataset_shards(root: Path) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def foreign(tmp_path_factory):
-    return make_img2dataset_shards(tmp_path_factory.mktemp("foreign"))
+def foreign(module_dir):
+    return make_img2dataset_shards(module_dir("foreign"))
 
 
 def test_index_counts_usable_samples_and_reasons(foreign):

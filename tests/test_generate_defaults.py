@@ -28,16 +28,16 @@ EXPORTED = ["tiny", "demo"]
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "shape.jpg"
+def image(module_dir):
+    path = module_dir("img") / "shape.jpg"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(path)
     return path
 
 
 @pytest.fixture(scope="module", params=EXPORTED)
-def export_dir(request, tmp_path_factory):
+def export_dir(request, module_dir):
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp(request.param) / "export"
+    out = module_dir(request.param) / "export"
     save_export(VLM(load_config(request.param).model).eval(), out)  # random weights: shapes are what matter
     return out
 

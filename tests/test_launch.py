@@ -36,8 +36,8 @@ LOOPBACK_HOSTS = "127.0.0.1 slots=1\nlocalhost slots=1\n"  # two "nodes" of one 
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_demo_shards(tmp_path_factory.mktemp("launch") / "data", n_train=32, n_val=8, shard_size=8)
+def shards(module_dir) -> Path:
+    return make_demo_shards(module_dir("launch") / "data", n_train=32, n_val=8, shard_size=8)
 
 
 def run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
@@ -65,8 +65,8 @@ def assert_refused(r: subprocess.CompletedProcess, run_dir: Path, *needles: str)
 
 
 @pytest.fixture(scope="module")
-def num_gpus_run(shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("num_gpus") / "run"
+def num_gpus_run(shards, module_dir):
+    run_dir = module_dir("num_gpus") / "run"
     r = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "vlm_dist.train",
              "--config", "tiny", "--ds", "ds_configs/zero2.json", "--train-shards", str(shards / "train"),
              "--run-dir", str(run_dir), *TRAIN])

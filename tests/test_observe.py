@@ -178,8 +178,8 @@ if os.environ.get("OBSERVE_SPY_LOG"):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("observe")
+def runs(module_dir):
+    root = module_dir("observe")
     shards = make_demo_shards(root / "data", n_train=64, n_val=16)
     spy = root / "spy"
     spy.mkdir()

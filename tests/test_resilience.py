@@ -33,14 +33,14 @@ def common(shards, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_demo_shards(tmp_path_factory.mktemp("resilience") / "data")
+def shards(module_dir):
+    return make_demo_shards(module_dir("resilience") / "data")
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, module_dir):
     """The uninterrupted 2-rank run every fault is compared with."""
-    run = tmp_path_factory.mktemp("ref") / "run"
+    run = module_dir("ref") / "run"
     run_ranks(common(shards, run), 2)
     return run
 

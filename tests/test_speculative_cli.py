@@ -16,8 +16,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def export_and_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec_cli")
+def export_and_shards(module_dir):
+    root = module_dir("spec_cli")
     shards = make_demo_shards(root / "data", n_train=4, n_val=4, shard_size=4)
     torch.manual_seed(0)
     save_export(VLM(load_config("tiny", ["model.n_future=3"]).model).eval(), root / "export")

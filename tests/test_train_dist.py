@@ -25,8 +25,8 @@ def common(shards, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
+def runs(module_dir):
+    root = module_dir("dist")
     shards = make_demo_shards(root / "data")
     out = {}
 
