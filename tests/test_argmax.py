@@ -176,12 +176,12 @@ def test_decoding_sees_weights_updated_through_data():
     new = W.detach().clone()
     new[j] = 9 * b
     W.data.copy_(new)  # as ZeRO's optimizer step does, on a model in training
-    model.train()  # (decoding a model in training rechecks the weights' values)
+    model.train()  # (decoding a model in training rebuilds its argmax table)
     assert check()[0][0] == j
     model.eval()
     new[j + 1] = 11 * b
     W.data.copy_(new)
-    model.refresh_decode_caches()  # an eval-mode model: the caller says the weights changed
+    model.drop_decode_caches()  # an eval-mode model: the caller says the weights changed
     assert check()[0][0] == j + 1
 
 

@@ -77,6 +77,33 @@ def test_too_long_question_is_counted_not_a_crash(tmp_path):
     assert sum(not p["too_long"] for p in preds) == len(preds) - 1  # every other caption and question was decoded
 
 
+def test_eval_of_a_model_in_training_rebuilds_its_argmax_table_once(tmp_path, monkeypatch):
+    """The trainer's generation eval decodes a model in training mode, whose weights ZeRO wrote through
+    .data: evaluate_generation drops the decode caches once, decodes every batch in eval mode with the
+    rebuilt table (the same predictions as an eval-mode model) and hands the model back in training mode."""
+    import vlm_dist.model.vlm as vlm_module
+
+    paths = make_demo_data(tmp_path / "d", n_train=1, n_val=3, side=32)["val"]
+    shard_coco(paths["images"], [paths["captions"]], tmp_path / "shards", vqa_questions=paths["vqa_questions"],
+               vqa_annotations=paths["vqa_annotations"], split="val", progress=False)
+    torch.manual_seed(0)
+    model = VLM(load_config("tiny").model).eval()
+    kw = dict(progress=False, java=False, meteor=False, batch_size=2, max_new_tokens=4)
+    want = [p["prediction"] for p in evaluate_generation(model, str(tmp_path / "shards"), **kw)["predictions"]]
+    with torch.no_grad():
+        model.lm_head.weight.data.mul_(-1)  # as a ZeRO step writes: same storage, no version bump
+    built = []
+    real = vlm_module.CertifiedArgmax
+    monkeypatch.setattr(vlm_module, "CertifiedArgmax", lambda W: built.append(1) or real(W))
+    model.train()
+    got = [p["prediction"] for p in evaluate_generation(model, str(tmp_path / "shards"), **kw)["predictions"]]
+    assert model.training and len(built) == 1  # several batches, one table, from the new weights
+    model.eval()
+    again = [p["prediction"] for p in evaluate_generation(model, str(tmp_path / "shards"), **kw)["predictions"]]
+    assert got == again and len(built) == 1  # eval mode keeps the table
+    assert got != want  # the flipped unembedding changed the greedy tokens: the old table was not used
+
+
 def test_sample_without_image_id_is_an_error(export_and_shards, tmp_path):
     root, shards = export_and_shards
     src = sorted((shards / "val").glob("*.tar"))[0]

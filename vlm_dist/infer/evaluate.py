@@ -103,7 +103,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     from tqdm import tqdm
 
     from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.generate import enter_decoding, generate
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -118,18 +118,24 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     todo = [(t, b) for t, b in zip(tasks, budgets) if b >= 1]
     t0, n_tokens, spec = time.perf_counter(), 0, []
     batches = list(_batches([t for t, _ in todo], [b for _, b in todo], batch_size))
-    for chunk, budget in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-        images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
-        if speculative:
-            from vlm_dist.infer.speculative import speculative_generate_batch
+    was_training = enter_decoding(model)  # once for all batches: a model in training rebuilds its caches once
+    try:
+        for chunk, budget in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+            images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
+            if speculative:
+                from vlm_dist.infer.speculative import speculative_generate_batch
 
-            outs, stats = speculative_generate_batch(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget)
-            spec.append(stats)
-        else:
-            outs = generate(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget)
-        for t, ids in zip(chunk, outs):
-            t["prediction"] = tok.decode(ids)
-            n_tokens += len(ids) + 1  # + the end token (or the cut)
+                outs, stats = speculative_generate_batch(model, images, [t["prompt"] for t in chunk],
+                                                         max_new_tokens=budget)
+                spec.append(stats)
+            else:
+                outs = generate(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget)
+            for t, ids in zip(chunk, outs):
+                t["prediction"] = tok.decode(ids)
+                n_tokens += len(ids) + 1  # + the end token (or the cut)
+    finally:
+        if was_training:
+            model.train()
     seconds = time.perf_counter() - t0
     metrics = score(tasks, meteor=meteor, java=java)
     metrics["decode_tokens_per_s"] = n_tokens / max(seconds, 1e-9)

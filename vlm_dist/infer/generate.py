@@ -31,12 +31,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 @torch.no_grad()
 def enter_decoding(model) -> bool:
     """Put `model` in eval mode for a decode; returns whether it was training (then `model.train()` after).
-    A model in training first refreshes its decode caches: ZeRO's optimizer writes the weights through
-    .data, which bumps no version. eval() walks every module (~1 ms with the vision tower), so it runs
-    only when the model was training."""
+    A model in training first drops its decode caches (VLM.drop_decode_caches): ZeRO's optimizer writes
+    the weights through .data, which bumps no version. eval() walks every module (~1 ms with the vision
+    tower), so it runs only when the model was training."""
     was_training = model.training
     if was_training:
-        model.refresh_decode_caches()
+        model.drop_decode_caches()
         model.eval()
     return was_training
 

@@ -240,11 +240,10 @@ class VLM(nn.Module):
     def fused_heads(self) -> FusedHeads:
         """The extra heads stacked for drafting (heads.FusedHeads), rebuilt whenever one of their weights
         changes (an optimizer step or a load bumps a version; .to() makes new tensors; a write through
-        `.data`, as DeepSpeed's ZeRO makes, bumps none: refresh_decode_caches)."""
+        `.data`, as DeepSpeed's ZeRO makes, bumps none: drop_decode_caches)."""
         key = tuple((p.data_ptr(), p._version) for p in self.extra_heads.parameters())
         if getattr(self, "_fused_key", None) != key:
             self._fused, self._fused_key = FusedHeads(self.extra_heads), key
-            self._fused_src = [p.detach().clone() for p in self.extra_heads.parameters()]
         return self._fused
 
     @torch.no_grad()
@@ -257,31 +256,22 @@ class VLM(nn.Module):
     def argmax_table(self) -> CertifiedArgmax:
         """The unembedding's CertifiedArgmax, rebuilt whenever the weight changes (an optimizer step or a
         load bumps its version; .to() makes a new tensor; a write through `.data`, as DeepSpeed's ZeRO
-        makes, bumps none: refresh_decode_caches)."""
+        makes, bumps none: drop_decode_caches)."""
         W = self.lm_head.weight
         key = (W.data_ptr(), W._version, W.dtype, W.device)
         if getattr(self, "_argmax_key", None) != key:
             self._argmax, self._argmax_key = CertifiedArgmax(W), key
-            self._argmax_src = W.detach().clone()  # the values it was built from (refresh_decode_caches)
         return self._argmax
 
-    @torch.no_grad()
-    def refresh_decode_caches(self) -> None:
-        """Drop the cached argmax table and stacked heads if their weights' VALUES changed since they were
-        built. Their keys (data_ptr, _version) miss an update written through `.data`, and that is how
-        DeepSpeed's ZeRO optimizer writes the weights after each step (the same storage, no version bump):
-        a stale table would decide greedy tokens from old rows and an old certificate. So a decode of a
-        model in training mode (infer/generate.py, infer/speculative.py: the trainer's generation eval)
-        calls this once: one comparison of the (V, D) unembedding and the heads' parameters with copies
-        (3.6 ms at the demo width on this CPU, docs/bench/review_spec9_perf13.md; a model in eval mode,
-        loaded for inference, skips it). Call it yourself after writing an eval-mode model's weights
-        through `.data`."""
-        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-
-        src = getattr(self, "_argmax_src", None)
-        if src is not None and not same(src, self.lm_head.weight):
-            self._argmax_key = self._argmax_src = None
-        src = getattr(self, "_fused_src", None)
-        if src is not None and not all(same(a, p) for a, p in zip(src, self.extra_heads.parameters())):
-            self._fused_key = self._fused_src = None
+    def drop_decode_caches(self) -> None:
+        """Forget the argmax table and the stacked heads; the next decode rebuilds them from the weights
+        (0.3 s at the demo width, 2.3 s at base width, on one core of the 2-core EPYC; once per
+        generation eval in training). Their keys (data_ptr, _version) catch an optimizer step of plain
+        PyTorch, a load and .to(), but not a write through `.data`, which is how DeepSpeed's ZeRO
+        optimizer updates the weights (same storage, no version bump): a stale table would pick greedy
+        tokens from old rows under an old certificate. So decoding a model in training mode drops them
+        first (infer/generate.py `enter_decoding`: the trainer's generation eval); call it yourself after
+        writing an eval-mode model's weights through `.data`. Dropping, not comparing with copies of the
+        weights, keeps no second copy of the (V, D) unembedding (150 MB at base width)."""
+        self._argmax_key = self._fused_key = None
+        self._argmax = self._fused = None
