@@ -66,18 +66,28 @@ def assert_refused(r: subprocess.CompletedProcess, run_dir: Path, *needles: str)
 
 @pytest.fixture(scope="module")
 def num_gpus_run(shards, module_dir):
-    run_dir = module_dir("num_gpus") / "run"
-    r = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "vlm_dist.train",
+    run_dir, port = module_dir("num_gpus") / "run", free_port()
+    r = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "--module", "vlm_dist.train",
              "--config", "tiny", "--ds", "ds_configs/zero2.json", "--train-shards", str(shards / "train"),
              "--run-dir", str(run_dir), *TRAIN])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
-    return r, run_dir
+    return r, run_dir, port
 
 
 def test_deepspeed_num_gpus_two_cpu_ranks(num_gpus_run):
-    r, run_dir = num_gpus_run
+    r, run_dir, _ = num_gpus_run
     assert "dist_world_size=2" in r.stdout + r.stderr  # the launcher's own count
     assert_trained(r.stdout, run_dir)
+
+
+def test_cpu_run_leaves_no_shared_memory_behind(num_gpus_run):
+    """DeepSpeed's launcher sets LOCAL_SIZE, so its CPU shared-memory allreduce makes a ~66 MB /dev/shm
+    segment per rank, which DeepSpeed never unlinks; init_distributed unlinks them once every rank has
+    mapped them (train/engine.py unlink_shm_buffer)."""
+    r, _, port = num_gpus_run
+    assert "deepspeed_shm_comm_op built successfully" in r.stdout + r.stderr  # DeepSpeed made the segments
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"left in /dev/shm: {left}"
 
 
 def test_no_ssh_two_nodes_on_loopback(shards, num_gpus_run, tmp_path):

@@ -44,6 +44,8 @@ def init_distributed() -> DistInfo:
     backend = "nccl" if accel.device_name() == "cuda" else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+        if accel.device_name() == "cpu":
+            unlink_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cuda":
         torch.cuda.set_device(local_rank)
@@ -51,6 +53,25 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp) makes for
+    `rank` when every rank is on this machine: ~66 MB, named from the uid and MASTER_ADDR / MASTER_PORT."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_shm_buffer() -> None:
+    """DeepSpeed never unlinks its CPU allreduce segments: every CPU run (each on its own MASTER_PORT) left
+    ~66 MB of RAM per rank in /dev/shm until a reboot: 8.2 GB after a few test-suite runs here, which got
+    a benchmark OOM-killed (sglang's CI saw the same: sgl-project/sglang#38638). By the time
+    init_distributed returns on every rank, each has mapped every local rank's segment (shm_initialize
+    opens its peers' before it returns), so after a barrier each rank unlinks its own name: the mappings
+    stay valid, and the memory goes back when the last rank exits, however it exits. Every rank runs the
+    barrier (CPU runs only), whether or not DeepSpeed made a segment (it does when LOCAL_SIZE = world size)."""
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
