@@ -12,7 +12,15 @@ Accuracy is teacher-forced exact match on 150 held-out scenes (every caption and
 a sample counts when the argmax of the next-token head equals the reference at every target position,
 end token included. That is exactly greedy decoding's exact match (greedy reproduces the reference iff
 each reference token is the argmax after the reference prefix), at the cost of one forward pass.
-Keys: "caption/1", "what colour/2", ... (one- / two-shape scenes), then the type over both, and "qa".
+Keys: "caption/1", "what colour/2", ... (one- / two-shape scenes), then the type over both, and "qa";
+for two-shape colour / size questions also "what colour/2 kind-L" (the shape named by kind, the left one),
+".../2 place-R" (named by place, the right one), ..., and among the wrong answers the share that was the
+other shape's value ("wrong: other") and the left shape's ("wrong: left"). A model that gives both
+questions of a scene the same answer scores a constant there (docs/bench/issue10_round4.md).
+--train-eval repeats it on 150 training scenes ("train:..."); --show N prints decoded training examples;
+--text-first N sets model.text_first_layers; --prefix-lm trains and scores with a prefix-LM mask.
+
+    python tools/demo_ablate.py --steps 1600 --n-train 4800 --eval-every 400 --train-eval --text-first 0 --tag base
 """
 
 from __future__ import annotations
