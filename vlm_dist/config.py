@@ -156,6 +156,13 @@ class ModelConfig(Section):
         description="'sdpa' = fused torch scaled_dot_product_attention; 'explicit' = softmax(QK^T/sqrt(d))V "
         "reference, for tests and benchmarks only.",
     )
+    text_first_layers: int = Field(
+        0, ge=0, description="In the first N decoder blocks text tokens attend only to text (image tokens still "
+        "attend to earlier image tokens), so the question's words are gathered before any block reads the image "
+        "and an answer can be routed by them ('what colour is the circle?'). 0 = every block attends across "
+        "image and text. On the demo task colour questions about one of two shapes never left the no-routing "
+        "ceiling with 0 (docs/bench/issue10_round4.md).",
+    )
     init_std: float = Field(0.02, gt=0, description="Std of the normal initialisation of linear and embedding weights.")
     pos_scale: float = Field(
         0.02, ge=0, description="Amplitude of the sinusoidal positions added to the embeddings. Unit-amplitude "
@@ -174,6 +181,11 @@ class ModelConfig(Section):
             raise ValueError(
                 f"mtp_weights has {len(self.mtp_weights)} entries but n_future={self.n_future}; "
                 f"give one weight per head or set model.mtp_weights=null"
+            )
+        if self.text_first_layers > self.n_layers:
+            raise ValueError(
+                f"text_first_layers={self.text_first_layers} exceeds n_layers={self.n_layers}; "
+                f"set model.text_first_layers <= {self.n_layers}"
             )
         n_img = self.vision.geometry["n_tokens"]
         if self.max_seq_len < n_img + 2:
@@ -306,6 +318,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
             "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "n_future": 1,
             "activation_checkpointing": False,
+            # text reads the question before the image: without it, answers about one of two shapes ignored
+            # which shape was asked (docs/bench/issue10_round4.md)
+            "text_first_layers": 1,
         },
         "data": {"max_text_len": 32, "shuffle_buffer": 512},
         "train": {"epochs": 16, "eval_every": 400, "save_every": 400, "generate_every": 400, "generate_images": 32},

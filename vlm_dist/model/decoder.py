@@ -134,13 +134,17 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float, kind: str = "sdpa") -> None:
+    """Causal multi-head attention. hide_image = P > 0: queries at absolute positions >= P (text) see no
+    key at positions < P (the image, which the model always puts first): ModelConfig.text_first_layers."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, kind: str = "sdpa", hide_image: int = 0) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
         self.kind = kind
+        self.hide_image = hide_image
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
@@ -155,6 +159,11 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, H, S, hd), S = cached + T
         S = k.shape[2]
         p = self.dropout if self.training else 0.0
+        if self.hide_image:
+            mask = self.text_only_mask(T, S, cache, qkv.device)
+            if self.kind == "sdpa":
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            return explicit_attention(q, k, v, mask, p)
         if self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
         if cache is not None:
@@ -164,6 +173,18 @@ class Attention(nn.Module):
         if self.kind == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return explicit_attention(q, k, v, mask, p)
+
+
+    def text_only_mask(self, T: int, S: int, cache: KVCache | None, device: torch.device) -> torch.Tensor:
+        """Bool mask (True: may attend) for T queries over S keys: causal, and a text query (absolute
+        position >= P = hide_image) sees no image key (< P). (T, S) without a cache; (B, 1, T, S) with one,
+        from each row's own positions (a ragged cache's stale keys beyond a row's position stay hidden)."""
+        P, keys = self.hide_image, torch.arange(S, device=device)
+        if cache is None:
+            queries = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+        else:
+            queries = cache.positions(T)[:, None, :, None]  # (B, 1, T, 1)
+        return (keys <= queries) & ((queries < P) | (keys >= P))
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -179,11 +200,12 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float, dropout: float, attention: str) -> None:
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float, dropout: float, attention: str,
+                 hide_image: int = 0) -> None:
         super().__init__()
         hidden = int(mlp_ratio * d_model)
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, dropout, attention)
+        self.attn = Attention(d_model, n_heads, dropout, attention, hide_image)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
         self.drop = nn.Dropout(dropout)

@@ -34,8 +34,10 @@ class VLM(nn.Module):
         self.vision = VisionEncoder(cfg.vision)
         self.projector = nn.Linear(self.vision.width, D)  # (B, P, W_vision) -> (B, P, D)
         self.tok_emb = nn.Embedding(vocab_size, D)
+        # the first text_first_layers blocks: text attends to text only (config.ModelConfig.text_first_layers)
         self.blocks = nn.ModuleList(
-            Block(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attention) for _ in range(cfg.n_layers)
+            Block(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attention,
+                  cfg.n_image_tokens if i < cfg.text_first_layers else 0) for i in range(cfg.n_layers)
         )
         self.norm = nn.LayerNorm(D)
         self.extra_heads = ExtraHeads(cfg)
