@@ -174,7 +174,6 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return explicit_attention(q, k, v, mask, p)
 
-
     def text_only_mask(self, T: int, S: int, cache: KVCache | None, device: torch.device) -> torch.Tensor:
         """Bool mask (True: may attend) for T queries over S keys: causal, and a text query (absolute
         position >= P = hide_image) sees no image key (< P). (T, S) without a cache; (B, 1, T, S) with one,
