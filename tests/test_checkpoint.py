@@ -122,12 +122,15 @@ def test_a_rollback_sets_later_tags_aside(tmp_path):
     assert len(list(tmp_path.glob("superseded-*"))) == 2
 
 
-def test_prune_keeps_the_newest_step_tags(tmp_path):
+def test_prune_keeps_the_newest_step_and_epoch_tags(tmp_path):
     for s in (2, 4, 6):
         save(tmp_path, f"step{s}", s)
-    save(tmp_path, "epoch0", 5)
-    assert ckpt.prune_step_checkpoints(tmp_path, 2, True) == ["step2"]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["epoch0", "step4", "step6"]
+    for e in (1, 2, 10):  # numeric order, not the names': epoch10 is the newest
+        save(tmp_path, f"epoch{e}", 3 * e)
+    assert ckpt.prune_checkpoints(tmp_path, 2, True) == ["step2"]  # keep_epochs None: every epoch kept
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["epoch1", "epoch10", "epoch2", "step4", "step6"]
+    assert ckpt.prune_checkpoints(tmp_path, 2, True, keep_epochs=2) == ["epoch1"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["epoch10", "epoch2", "step4", "step6"]
 
 
 def test_write_atomic_replaces(tmp_path):

@@ -106,9 +106,9 @@ def one_rank(monkeypatch, tmp_path):
     return make_demo_shards(tmp_path / "data", n_train=32, n_val=8)
 
 
-def run(shards, run_dir, make_engine=Engine, stop_after=None):
+def run(shards, run_dir, make_engine=Engine, stop_after=None, extra=()):
     cfg = load_config("tiny", [f"data.train_shards={shards / 'train'}", "train.max_steps=6", "train.save_every=3",
-                               "log.grad_stats_every=2", "log.tensorboard=false"])
+                               "log.grad_stats_every=2", "log.tensorboard=false", *extra])
     opts = RunOptions(ds="ds_configs/zero2.json", run_dir=str(run_dir), stop_after=stop_after,
                       ds_overrides=["bf16.enabled=false", "optimizer.params.lr=0.002", "train_micro_batch_size_per_gpu=4",
                                     "scheduler.params.warmup_num_steps=2"])
@@ -171,3 +171,15 @@ def test_losses_read_only_on_logging_steps_and_logged_values_unchanged(one_rank,
         for key in ("loss", "loss_head0", "loss_head1", "grad_norm", "lr"):
             assert every4[step][key] == every1[step][key], (step, key)
     assert [s["loss"] for s in shown[3:]] == [every4[4]["loss"], every4[4]["loss"], every4[6]["loss"]]
+
+
+def test_keep_epochs_prunes_all_but_the_newest_epoch_checkpoints(one_rank, tmp_path):
+    """train.keep_epochs=2 keeps the two newest epoch tags (and keep_last the step tags), as the demo does;
+    the default (null) keeps every epoch."""
+    extra = ["train.max_steps=null", "train.epochs=4", "train.eval_every=1000", "train.save_every=1000"]
+    run(one_rank, tmp_path / "all", TorchEngine, extra=extra)
+    run(one_rank, tmp_path / "two", TorchEngine, extra=[*extra, "train.keep_epochs=2"])
+    tags = {name: sorted(p.name for p in (tmp_path / name / "checkpoints").glob("epoch*")) for name in ("all", "two")}
+    assert tags["all"] == ["epoch1", "epoch2", "epoch3", "epoch4"]
+    assert tags["two"] == ["epoch3", "epoch4"]
+    assert losses(tmp_path / "all") == losses(tmp_path / "two")  # pruning changes nothing else

@@ -235,6 +235,10 @@ class TrainConfig(Section):
     generate_images: int = Field(16, gt=0, description="Validation images for the in-training generation eval.")
     save_every: int = Field(200, gt=0, description="Save a step checkpoint every N optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Step checkpoints to keep (epoch and best checkpoints are kept apart).")
+    keep_epochs: int | None = Field(
+        None, ge=1, description="Epoch checkpoints to keep, the newest (null = every one). The demo keeps 2: "
+        "its 16 epochs x 96 MB were 1.5 GB of its 1.9 GB run folder.",
+    )
     on_nonfinite: Literal["skip", "stop"] = Field(
         "skip", description="A step whose gradients are not finite (on any rank) is never applied: `skip` counts it "
         "and goes on (stopping after `max_skipped_in_a_row` in a row), `stop` ends the run at the first one.",
@@ -323,7 +327,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "text_first_layers": 1,
         },
         "data": {"max_text_len": 32, "shuffle_buffer": 512},
-        "train": {"epochs": 16, "eval_every": 400, "save_every": 400, "generate_every": 400, "generate_images": 32},
+        "train": {"epochs": 16, "eval_every": 400, "save_every": 400, "generate_every": 400, "generate_images": 32,
+                  "keep_epochs": 2},
         "log": {"log_every": 10, "grad_stats_every": 50, "histograms_every": 200},
     },
     # The product model: OpenCLIP ViT-B-32 (frozen, OpenAI weights) + 24 blocks x 8 heads x 768.

@@ -1,7 +1,7 @@
 """Crash-safe checkpoints under RUN/checkpoints/, written through the engine's own save/load:
 
     step{N}/   every train.save_every steps (and at a stop); the newest train.keep_last are kept
-    epoch{E}/  at the end of each epoch (kept)
+    epoch{E}/  at the end of each epoch; all kept, or the newest train.keep_epochs
     best/      the lowest validation loss so far (not recorded in `latest`)
     latest     the newest published step/epoch tag (DeepSpeed's pointer file, replaced atomically)
     .tmp-{tag}/  a save in progress, or one a crash interrupted: never loaded
@@ -217,11 +217,16 @@ def published_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
     return sorted(out, key=lambda t: (t[0], t[1].startswith("step")))
 
 
-def prune_step_checkpoints(ckpt_dir: Path, keep: int, is_main: bool) -> list[str]:
-    """Delete all but the newest `keep` step checkpoints (rank 0, after every rank finished saving)."""
-    steps = sorted((int(m.group(2)), p) for p in ckpt_dir.iterdir()
-                   if (m := STEP_TAG.match(p.name)) and m.group(1) == "step")
-    doomed = [p for _, p in steps[:-keep]]
+def prune_checkpoints(ckpt_dir: Path, keep_steps: int, is_main: bool, keep_epochs: int | None = None) -> list[str]:
+    """Delete all but the newest `keep_steps` step checkpoints and, unless keep_epochs is None, all but the
+    newest `keep_epochs` epoch checkpoints (rank 0, after every rank finished saving). Returns the names."""
+    tags: dict[str, list[tuple[int, Path]]] = {"step": [], "epoch": []}
+    for p in ckpt_dir.iterdir():
+        if m := STEP_TAG.match(p.name):
+            tags[m.group(1)].append((int(m.group(2)), p))
+    doomed = [p for _, p in sorted(tags["step"])[:-keep_steps]]
+    if keep_epochs is not None:
+        doomed += [p for _, p in sorted(tags["epoch"])[:-keep_epochs]]
     if is_main:
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)

@@ -248,11 +248,9 @@ def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
             save(run, "best", latest=False)  # replaces the previous best only once complete
     if cfg.train.generate_every and step % cfg.train.generate_every == 0 and cfg.data.val_shards:
         generation_eval(run)
-    if epoch_end:
-        save(run, f"epoch{state.epoch}")
-    elif step % cfg.train.save_every == 0 or step in (run.total_steps, run.stop_at):
-        save(run, f"step{step}")
-        ckpt.prune_step_checkpoints(run.ckpt_dir, cfg.train.keep_last, run.info.is_main)
+    if epoch_end or step % cfg.train.save_every == 0 or step in (run.total_steps, run.stop_at):
+        save(run, f"epoch{state.epoch}" if epoch_end else f"step{step}")
+        ckpt.prune_checkpoints(run.ckpt_dir, cfg.train.keep_last, run.info.is_main, cfg.train.keep_epochs)
 
 
 def generation_eval(run: Run) -> None:
@@ -307,7 +305,7 @@ def stop_now(run: Run) -> None:
     """Every rank, at the same step: save where we are and leave with EXIT_PREEMPTED."""
     t0 = time.perf_counter()
     save(run, f"step{run.state.step}")
-    ckpt.prune_step_checkpoints(run.ckpt_dir, run.cfg.train.keep_last, run.info.is_main)
+    ckpt.prune_checkpoints(run.ckpt_dir, run.cfg.train.keep_last, run.info.is_main, run.cfg.train.keep_epochs)
     raise Preempted(f"stop requested ({run.stop.reason or 'on another rank'}): saved step{run.state.step} in "
                     f"{time.perf_counter() - t0:.1f} s under {run.ckpt_dir}; continue with --resume auto")
 
