@@ -231,8 +231,11 @@ def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | 
 
 
 def save(run: Run, tag: str, latest: bool = True) -> None:
+    """Save `tag`; a step/epoch tag (latest=True) then prunes the older ones past keep_last / keep_epochs."""
     ckpt.save(run.engine, run.ckpt_dir, tag, run.state, run.cfg.model_dump(mode="json"), run.shape,
               run.info.world_size, latest=latest)
+    if latest:
+        ckpt.prune_checkpoints(run.ckpt_dir, run.cfg.train.keep_last, run.info.is_main, run.cfg.train.keep_epochs)
 
 
 def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
@@ -250,7 +253,6 @@ def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
         generation_eval(run)
     if epoch_end or step % cfg.train.save_every == 0 or step in (run.total_steps, run.stop_at):
         save(run, f"epoch{state.epoch}" if epoch_end else f"step{step}")
-        ckpt.prune_checkpoints(run.ckpt_dir, cfg.train.keep_last, run.info.is_main, cfg.train.keep_epochs)
 
 
 def generation_eval(run: Run) -> None:
@@ -263,10 +265,9 @@ def generation_eval(run: Run) -> None:
         run.log.warn_once("train.generate_every is ignored under ZeRO-3: export and run `vlm-dist eval` instead")
         return
     if run.info.is_main:
-        module = run.engine.module
-        result = evaluate_generation(module, run.cfg.data.val_shards, limit=run.cfg.train.generate_images,
+        # decodes in eval mode and hands the module back in training mode (infer/generate.enter_decoding)
+        result = evaluate_generation(run.engine.module, run.cfg.data.val_shards, limit=run.cfg.train.generate_images,
                                      progress=False, meteor=False)
-        module.train()
         metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
         run.log.scalars(run.state.step, metrics, split="val_generate")
         run.log.info(f"step {run.state.step}: caption exact match {metrics['caption_exact_match']:.3f}, "
@@ -305,7 +306,6 @@ def stop_now(run: Run) -> None:
     """Every rank, at the same step: save where we are and leave with EXIT_PREEMPTED."""
     t0 = time.perf_counter()
     save(run, f"step{run.state.step}")
-    ckpt.prune_checkpoints(run.ckpt_dir, run.cfg.train.keep_last, run.info.is_main, run.cfg.train.keep_epochs)
     raise Preempted(f"stop requested ({run.stop.reason or 'on another rank'}): saved step{run.state.step} in "
                     f"{time.perf_counter() - t0:.1f} s under {run.ckpt_dir}; continue with --resume auto")
 
