@@ -32,7 +32,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for part in ("train", "compile", "bucket", "loader", "decode"):
+    for part in ("train", "profile", "compile", "bucket", "loader", "decode"):
         assert part in res and "error" not in res[part], (part, res.get(part))
 
     rows = res["train"]["rows"]  # the sweep: every micro-batch with checkpointing on AND off
@@ -43,6 +43,11 @@ def test_cpu_smoke_runs_every_part(tmp_path):
         assert r["tflops"] == pytest.approx(r["step_flops"] / r["step_s"] / 1e12)
         assert r["mfu"] is None  # no peak on the CPU: MFU is left out, never invented
     assert res["train"]["sdpa"] == ["flash (CPU kernel)"]
+
+    prof = res["profile"]  # where the best row's step goes: real ops, shares of one busy total
+    assert prof["rows"] and prof["busy_ms_per_step"] > 0
+    assert sum(r["share"] for r in prof["rows"]) <= 1 + 1e-9 and all(0 < r["share"] <= 1 for r in prof["rows"])
+    assert any("mm" in r["name"] or "linear" in r["name"] for r in prof["rows"])
 
     comp = res["compile"]
     assert comp["eager"]["status"] == "ok" and comp["compiled"]["status"] == "ok"
@@ -67,7 +72,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
         assert r["greedy_tokens"] == r["speculative_tokens"] > 0
 
     table = md.read_text()
-    for heading in ("### Training step", "### torch.compile", "### ZeRO-2 reduce bucket", "### Loader", "### Decoding"):
+    for heading in ("### Training step", "### Where a step goes", "### torch.compile", "### ZeRO-2 reduce bucket", "### Loader", "### Decoding"):
         assert heading in table
 
 

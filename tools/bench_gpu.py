@@ -16,8 +16,12 @@ What it measures (no download: random weights, model.vision.pretrained=null, the
                       + forward(frozen vision tower) + 2 x forward(projector)        [2N per token]
                       + attention scores 3 x 4 S^2 D per layer                        (S = 80, D = 768)
    from vlm_dist.observe.flops.train_flops (the same count the trainer logs; recompute not counted).
-2. torch.compile: DeepSpeed's engine.compile() (inductor) at the best micro-batch vs eager; and the
-   ZeRO reduce bucket: ds_configs' fixed 5e7 elements vs the model's trainable size (part "bucket").
+2. Where a step's time goes: torch.profiler over 3 steps at the best micro-batch, the kernels with the
+   most device time (part "profile"); the ZeRO reduce bucket: ds_configs' fixed 5e7 elements vs the
+   model's trainable size (part "bucket"); torch.compile: DeepSpeed's engine.compile() (inductor) at
+   the best micro-batch vs eager (part "compile", run last: the slowest to warm up). The card's own
+   bf16 matmul rate (8192^3) is measured first and printed beside the datasheet peak.
+   With --json, the raw numbers are rewritten after every part, so a run cut short keeps what finished.
 3. Loader: vlm_dist.data's streaming loader images/s with 4, 8 and 16 workers on shards of
    COCO-sized (640x480, photo-like) JPEGs this script makes, against the GPU's samples/s.
 4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8.
@@ -43,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_model, benchlib
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on the hub
 
-PARTS = ("train", "compile", "bucket", "decode", "loader")
+PARTS = ("train", "profile", "bucket", "decode", "loader", "compile")  # compile last: the slowest to warm up
 SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 1, "compile_backend": "aot_eager", "compile_ckpt": "on",
          "loader_workers": "0,2", "photos": 24, "loader_micro": 4, "decode_batches": "1,8", "new_tokens": 6,
          "decode_repeats": 1}
@@ -111,8 +115,9 @@ def pick_device(cpu_smoke: bool) -> str:
     return "cuda"
 
 
-def run_part(name: str, results: dict, fn) -> None:
-    """Run one part; a failure is recorded (and printed) and the other parts still run."""
+def run_part(name: str, results: dict, fn, dump=None) -> None:
+    """Run one part; a failure is recorded (and printed) and the other parts still run. `dump(results)`
+    after each part, so a run cut short (a lease's time limit) still leaves every finished part."""
     t = time.perf_counter()
     print(f"[{name}]", file=sys.stderr, flush=True)
     try:
@@ -121,6 +126,8 @@ def run_part(name: str, results: dict, fn) -> None:
         traceback.print_exc()
         results[name] = {"error": f"{type(err).__name__}: {err}"}
     results.setdefault("seconds", {})[name] = time.perf_counter() - t
+    if dump:
+        dump(results)
 
 
 def part_train(bench, args) -> dict:
@@ -132,6 +139,33 @@ def part_train(bench, args) -> dict:
 def best_row(rows: list[dict]) -> dict | None:
     ok = [r for r in rows if r.get("status") == "ok"]
     return max(ok, key=lambda r: r["samples_s"]) if ok else None
+
+
+def part_profile(bench, args, results) -> dict:
+    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
+    return bench.profile(best["micro"], best["ckpt"])
+
+
+def matmul_ceiling(device) -> dict:
+    """The card's measured bf16 matmul rate (8192^3, random data, median of 20 after 5 warm-ups): the
+    ceiling a real kernel reaches, beside the datasheet peak that MFU divides by."""
+    import statistics
+
+    import torch
+
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return {"n": n, "tflops": 2 * n**3 / statistics.median(times) / 1e12}
 
 
 def part_compile(bench, args, results) -> dict:
@@ -152,7 +186,14 @@ def part_bucket(bench, args, results) -> dict:
     return {"trainable": bench.trainable, "rows": bench.measure_buckets(best["micro"], best["ckpt"], sizes)}
 
 
-def part_loader(cfg, args, workdir: Path) -> dict:
+def part_loader(cfg, args) -> dict:
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+            return loader_rows(cfg, args, Path(tmp))
+    return loader_rows(cfg, args, args.workdir)
+
+
+def loader_rows(cfg, args, workdir: Path) -> dict:
     from benchlib.loader_bench import loader_throughput, make_photo_shards
 
     t = time.perf_counter()
@@ -213,23 +254,31 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{env['device']} | torch {env['torch']} | deepspeed {env['deepspeed']} | preset {args.preset}", file=sys.stderr)
     bench = TrainBench(cfg, ds, device, warmup=args.warmup, steps=args.steps, log=lambda m: print(m, file=sys.stderr))
     env["peak_flops"] = bench.peak
+    env["matmul"] = matmul_ceiling(device) if device.type == "cuda" else None
+    if env["matmul"]:
+        print(f"bf16 matmul {env['matmul']['n']}^3: {env['matmul']['tflops']:.0f} TFLOP/s measured", file=sys.stderr)
     if device.type == "cuda" and bench.peak is None:
         print(f"warning: no dense bf16 peak known for {env['device']!r} (vlm_dist.observe.flops.PEAK_BF16): "
               "MFU is left out", file=sys.stderr)
     results: dict = {"env": env}
-    if "train" in args.parts:
-        run_part("train", results, lambda: part_train(bench, args))
-    if "compile" in args.parts:
-        run_part("compile", results, lambda: part_compile(bench, args, results))
-    if "bucket" in args.parts:
-        run_part("bucket", results, lambda: part_bucket(bench, args, results))
+
+    def dump(res: dict) -> None:
+        env["wall_s"] = time.perf_counter() - t0
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=str))
+
+    steps = {"train": lambda: part_train(bench, args), "profile": lambda: part_profile(bench, args, results),
+             "bucket": lambda: part_bucket(bench, args, results),
+             "decode": lambda: part_decode(cfg, args, device), "loader": lambda: part_loader(cfg, args),
+             "compile": lambda: part_compile(bench, args, results)}
+    for name in PARTS:
+        if name not in args.parts:
+            continue
+        if name in ("decode", "loader"):  # neither needs the training engine: free its memory first
+            bench.drop_engine()
+            free_memory(device)
+        run_part(name, results, steps[name], dump)
     bench.drop_engine()
-    if "decode" in args.parts:
-        run_part("decode", results, lambda: part_decode(cfg, args, device))
-    free_memory(device)
-    if "loader" in args.parts:
-        with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
-            run_part("loader", results, lambda: part_loader(cfg, args, args.workdir or Path(tmp)))
     env["wall_s"] = time.perf_counter() - t0
     text = render(results)
     print(text)
@@ -237,8 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.append, "a") as f:
             f.write("\n" + text)
         print(f"appended to {args.append}", file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    dump(results)
     return results
 
 

@@ -39,7 +39,9 @@ def render(results: dict) -> str:
              f"deepspeed {env['deepspeed']}; preset `{env['preset']}` with random weights; {env['ds']} "
              f"{' '.join(env['ds_set'])} (ZeRO-2, bf16), world of {env['world']}; {env['cpus']} CPU cores, "
              f"load average {env['loadavg'][0]:.2f} at start. Peak for MFU: "
-             f"{_f(env['peak_flops'] and env['peak_flops'] / 1e12, '.0f')} TFLOP/s dense bf16.", ""]
+             f"{_f(env['peak_flops'] and env['peak_flops'] / 1e12, '.0f')} TFLOP/s dense bf16 (datasheet)"
+             + (f"; this card's measured bf16 matmul ({env['matmul']['n']}^3, random data): "
+                f"{env['matmul']['tflops']:.0f} TFLOP/s." if env.get("matmul") else "."), ""]
     train = results.get("train", {})
     if "error" in train:
         lines += [f"Training part failed: {train['error']}", ""]
@@ -53,6 +55,17 @@ def render(results: dict) -> str:
                   "many steps with one synchronisation at the end (no host waits). Samples/s, TFLOP/s, MFU from "
                   "the synchronised median.", ""]
         lines += _train_rows(train["rows"]) + [""]
+    prof = results.get("profile", {})
+    if "error" in prof:
+        lines += [f"Profile part failed: {prof['error']}", ""]
+    elif prof:
+        lines += [f"### Where a step goes: torch.profiler, micro {prof['micro']}, checkpointing "
+                  f"{'on' if prof['ckpt'] else 'off'}, {prof['steps']} steps ({prof['kind']}: "
+                  f"{prof['busy_ms_per_step']:.1f} ms busy per step)", "",
+                  "| op / kernel | ms per step | share of busy time | calls per step |", "|---|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f} % | {r['calls_per_step']:.0f} |"
+                  for r in prof["rows"]]
+        lines.append("")
     comp = results.get("compile", {})
     if "error" in comp:
         lines += [f"Compile part failed: {comp['error']}", ""]

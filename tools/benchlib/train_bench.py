@@ -260,6 +260,33 @@ class TrainBench:
         torch._dynamo.reset()
         return row
 
+    def profile(self, micro: int, ckpt: bool, steps: int = 3, top: int = 15) -> dict:
+        """torch.profiler over `steps` eager steps (after one untimed): the ops with the most self time on
+        the device (CUDA kernels; on the CPU, CPU ops), so a reader sees where a step's time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        engine = self.get_engine()
+        engine.module.cfg.activation_checkpointing = ckpt
+        data, _ = self.batch(micro)
+        engine_step(engine, *data)
+        sync(self.device)
+        cuda = self.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine_step(engine, *data)
+            sync(self.device)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+        total = sum(getattr(e, key) for e in events)  # microseconds, over `steps` steps
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        rows = [{"name": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
+                 "calls_per_step": e.count / steps} for e in events[:top]]
+        self.log(f"  profile micro {micro} ckpt {'on' if ckpt else 'off'}: {total / 1e3 / steps:.1f} ms of "
+                 f"{'device' if cuda else 'CPU op'} time per step; top: "
+                 + "; ".join(f"{r['name'][:40]} {100 * r['share']:.0f} %" for r in rows[:4]))
+        return {"micro": micro, "ckpt": ckpt, "steps": steps, "busy_ms_per_step": total / 1e3 / steps,
+                "kind": "device kernels (self time)" if cuda else "CPU ops (self time)", "rows": rows}
+
     def measure_buckets(self, micro: int, ckpt: bool, buckets: list[int]) -> list[dict]:
         """The same step with zero_optimization.reduce_bucket_size set to each size (a fresh engine each)."""
         rows, saved = [], self.ds
