@@ -48,6 +48,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert prof["rows"] and prof["busy_ms_per_step"] > 0
     assert sum(r["share"] for r in prof["rows"]) <= 1 + 1e-9 and all(0 < r["share"] <= 1 for r in prof["rows"])
     assert any("mm" in r["name"] or "linear" in r["name"] for r in prof["rows"])
+    assert prof["host"]["micro"] == 2 and prof["host"]["rows"] and prof["host"]["wall_ms_per_step"] > 0
 
     comp = res["compile"]
     assert comp["eager"]["status"] == "ok" and comp["compiled"]["status"] == "ok"

@@ -143,7 +143,9 @@ def best_row(rows: list[dict]) -> dict | None:
 
 def part_profile(bench, args, results) -> dict:
     best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
-    return bench.profile(best["micro"], best["ckpt"])
+    out = bench.profile(best["micro"], best["ckpt"])
+    out["host"] = bench.profile(ints(args.micros)[0], True, host=True)  # the smallest: where the host sets the pace
+    return out
 
 
 def matmul_ceiling(device) -> dict:

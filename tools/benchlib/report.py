@@ -59,13 +59,18 @@ def render(results: dict) -> str:
     if "error" in prof:
         lines += [f"Profile part failed: {prof['error']}", ""]
     elif prof:
-        lines += [f"### Where a step goes: torch.profiler, micro {prof['micro']}, checkpointing "
-                  f"{'on' if prof['ckpt'] else 'off'}, {prof['steps']} steps ({prof['kind']}: "
-                  f"{prof['busy_ms_per_step']:.1f} ms busy per step)", "",
-                  "| op / kernel | ms per step | share of busy time | calls per step |", "|---|---|---|---|"]
-        lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f} % | {r['calls_per_step']:.0f} |"
-                  for r in prof["rows"]]
-        lines.append("")
+        for p in (prof, prof.get("host")):
+            if not p:
+                continue
+            wall = (f"; wall {p['wall_ms_per_step']:.1f} ms per step under the profiler" if p.get("wall_ms_per_step") else ""
+                    ) + (f", device busy {p['device_busy_ms_per_step']:.1f} ms" if p.get("device_busy_ms_per_step") else "")
+            lines += [f"### Where a step goes: torch.profiler, micro {p['micro']}, checkpointing "
+                      f"{'on' if p['ckpt'] else 'off'}, {p['steps']} steps ({p['kind']}: "
+                      f"{p['busy_ms_per_step']:.1f} ms per step{wall})", "",
+                      "| op / kernel | ms per step | share | calls per step |", "|---|---|---|---|"]
+            lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f} % | {r['calls_per_step']:.0f} |"
+                      for r in p["rows"]]
+            lines.append("")
     comp = results.get("compile", {})
     if "error" in comp:
         lines += [f"Compile part failed: {comp['error']}", ""]
@@ -109,8 +114,9 @@ def render(results: dict) -> str:
     if "error" in dec:
         lines += [f"Decode part failed: {dec['error']}", ""]
     elif dec:
-        lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, random weights: ~1 token accepted "
-                  "per speculative call, so this is the machinery's cost, not trained heads' speed-up)", "",
+        lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, random weights: how many draft tokens "
+                  "are accepted depends on what the random model happens to predict (it often repeats one token), "
+                  "so read this as the decoding machinery's cost at base width, not a trained model's speed-up)", "",
                   "| batch | new tokens/row | greedy tokens/s | speculative tokens/s | spec / greedy "
                   "| tokens per spec call | rows identical |", "|---|---|---|---|---|---|---|"]
         for r in dec["rows"]:

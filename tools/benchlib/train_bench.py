@@ -260,9 +260,11 @@ class TrainBench:
         torch._dynamo.reset()
         return row
 
-    def profile(self, micro: int, ckpt: bool, steps: int = 3, top: int = 15) -> dict:
-        """torch.profiler over `steps` eager steps (after one untimed): the ops with the most self time on
-        the device (CUDA kernels; on the CPU, CPU ops), so a reader sees where a step's time goes."""
+    def profile(self, micro: int, ckpt: bool, steps: int = 3, top: int = 15, host: bool = False) -> dict:
+        """torch.profiler over `steps` eager steps (after one untimed): the ops with the most self time,
+        so a reader sees where a step's time goes. Device kernels by default (on the CPU: CPU ops);
+        host=True ranks the host's ops by self CPU time instead and adds the wall and device-busy time
+        per step: where the host, not the GPU, sets the pace (small micro-batches)."""
         from torch.profiler import ProfilerActivity, profile
 
         engine = self.get_engine()
@@ -271,21 +273,29 @@ class TrainBench:
         engine_step(engine, *data)
         sync(self.device)
         cuda = self.device.type == "cuda"
-        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        if cuda and not host:
+            acts = [ProfilerActivity.CUDA]
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
             for _ in range(steps):
                 engine_step(engine, *data)
             sync(self.device)
-        key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+        wall_ms = (time.perf_counter() - t) * 1e3 / steps
+        averages = prof.key_averages()
+        dev_key = "self_device_time_total"
+        device_busy = sum(getattr(e, dev_key, 0) for e in averages) / 1e3 / steps if cuda else None
+        key = dev_key if cuda and not host else "self_cpu_time_total"
+        events = sorted((e for e in averages if getattr(e, key, 0) > 0), key=lambda e: getattr(e, key), reverse=True)
         total = sum(getattr(e, key) for e in events)  # microseconds, over `steps` steps
-        events.sort(key=lambda e: getattr(e, key), reverse=True)
         rows = [{"name": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
                  "calls_per_step": e.count / steps} for e in events[:top]]
-        self.log(f"  profile micro {micro} ckpt {'on' if ckpt else 'off'}: {total / 1e3 / steps:.1f} ms of "
-                 f"{'device' if cuda else 'CPU op'} time per step; top: "
+        kind = "host ops (self CPU time)" if host or not cuda else "device kernels (self time)"
+        self.log(f"  profile micro {micro} ckpt {'on' if ckpt else 'off'}: {kind}, {total / 1e3 / steps:.1f} ms per "
+                 f"step (wall {wall_ms:.1f} ms, device busy {device_busy or 0:.1f} ms); top: "
                  + "; ".join(f"{r['name'][:40]} {100 * r['share']:.0f} %" for r in rows[:4]))
-        return {"micro": micro, "ckpt": ckpt, "steps": steps, "busy_ms_per_step": total / 1e3 / steps,
-                "kind": "device kernels (self time)" if cuda else "CPU ops (self time)", "rows": rows}
+        return {"micro": micro, "ckpt": ckpt, "steps": steps, "busy_ms_per_step": total / 1e3 / steps, "kind": kind,
+                "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": device_busy, "rows": rows}
 
     def measure_buckets(self, micro: int, ckpt: bool, buckets: list[int]) -> list[dict]:
         """The same step with zero_optimization.reduce_bucket_size set to each size (a fresh engine each)."""

@@ -21,8 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 
 # Logit elements (rows x vocabulary) alive at once: 2^22 fp32 = 16 MiB, about 85 rows of a
-# 49,408-token vocabulary: small next to the (V, D) gradient, large enough for an efficient matmul.
+# 49,408-token vocabulary: small next to the (V, D) gradient, large enough for an efficient matmul
+# on a CPU. A GPU needs far larger matmuls to be efficient: 85-row chunks made ~1700 small GEMMs per
+# base step on an H100 (docs/bench/gpu_round5.md); 2^26 fp32 = 256 MiB there, ~1360 rows.
 CHUNK_ELEMENTS = 1 << 22
+CUDA_CHUNK_ELEMENTS = 1 << 26
+
+
+def chunk_rows(device: torch.device, vocab: int) -> int:
+    return max(1, (CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS) // vocab)
+
+
+def accumulate_dw(dw: torch.Tensor, p: torch.Tensor, p_low: torch.Tensor | None, xc: torch.Tensor) -> torch.Tensor:
+    """dw (fp32) += p^T @ xc. fp32 weights: one fp32 GEMM, exact as ever. bf16/fp16 weights on CUDA: the
+    GEMM reads the low-precision operands (p_low = p rounded to the weights' dtype, as autograd's own
+    nn.Linear backward would) and accumulates in fp32 (addmm's out_dtype), on the tensor cores: the fp32
+    GEMM was a quarter of an H100 base step. CPU: no out_dtype kernel there, so fp32 as before."""
+    if p_low is not None and xc.is_cuda:
+        return torch.addmm(dw, p_low.T, xc, out_dtype=torch.float32)
+    return dw.addmm_(p.T, xc.float())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -51,10 +68,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             p = (xc @ weight.T).float().sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
             p[torch.arange(xc.shape[0], device=p.device), y[i : i + rows]] -= 1.0
             p.mul_(grad[i : i + rows, None])  # dCE/dlogits for each row, scaled by the incoming gradient
+            p_low = p.to(weight.dtype) if weight.dtype != torch.float32 else None
             if want_x:
-                dx[i : i + rows] = p.to(weight.dtype) @ weight
+                dx[i : i + rows] = (p if p_low is None else p_low) @ weight
             if want_w:
-                dw.addmm_(p.T, xc.float())  # (V, C) @ (C, D), accumulated in place
+                dw = accumulate_dw(dw, p, p_low, xc)  # (V, C) @ (C, D), accumulated
         return dx, (dw.to(weight.dtype) if want_w else None), None, None
 
 
@@ -67,7 +85,7 @@ class Unembedding(nn.Linear):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return F.linear(x, self.weight)
-        rows = max(1, CHUNK_ELEMENTS // self.weight.shape[0])
+        rows = chunk_rows(x.device, self.weight.shape[0])
         if not torch.is_grad_enabled():  # evaluation: chunked too, nothing saved
             return torch.cat([F.cross_entropy(F.linear(x[i : i + rows], self.weight).float(), targets[i : i + rows],
                                               reduction="none") for i in range(0, x.shape[0], rows)]
