@@ -95,3 +95,30 @@ def test_self_speculative_decoding_equals_greedy():
             assert ids == greedy[b], (seed, b)
             accepted.append(stats["tokens_per_call"])
     assert max(accepted) > 1.5  # the multi-token path was exercised, not only one token per call
+
+
+def test_a_decode_that_raises_hands_the_model_back_in_training_mode(monkeypatch):
+    """generate and speculative decoding switch a training model to eval for the decode; an error inside
+    the decode must not leave it in eval mode (dropout off, caches kept) for the training that follows."""
+    from vlm_dist.infer.speculative import speculative_generate_batch
+
+    torch.manual_seed(0)
+    model = VLM(load_config("tiny", ["model.max_seq_len=64", "model.n_future=2"]).model).train()
+    images = torch.randn(2, 3, 32, 32)
+    prompts = mixed_prompts(2)
+
+    def broken(*args, **kwargs):
+        assert not model.training  # the decode itself ran in eval mode
+        raise RuntimeError("decode failed")
+
+    for name, decode in [("step_states", generate), ("verify_step", speculative_generate_batch)]:
+        with monkeypatch.context() as m:
+            m.setattr(model, name, broken)
+            try:
+                decode(model, images, prompts, max_new_tokens=4)
+            except RuntimeError as err:
+                assert str(err) == "decode failed"
+            else:
+                raise AssertionError(f"{decode.__name__} did not reach model.{name}")
+        assert model.training, decode.__name__
+    assert generate(model, images, prompts, max_new_tokens=4) and model.training  # and decodes afterwards

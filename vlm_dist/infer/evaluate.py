@@ -103,7 +103,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     from tqdm import tqdm
 
     from vlm_dist.data.samples import ImageToTensor
-    from vlm_dist.infer.generate import enter_decoding, generate
+    from vlm_dist.infer.generate import decoding, generate
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -118,8 +118,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     todo = [(t, b) for t, b in zip(tasks, budgets) if b >= 1]
     t0, n_tokens, spec = time.perf_counter(), 0, []
     batches = list(_batches([t for t, _ in todo], [b for _, b in todo], batch_size))
-    was_training = enter_decoding(model)  # once for all batches: a model in training rebuilds its caches once
-    try:
+    with decoding(model):  # once for all batches: a model in training rebuilds its caches once
         for chunk, budget in tqdm(batches, desc="eval", unit="batch", disable=not progress):
             images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
             if speculative:
@@ -133,9 +132,6 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
             for t, ids in zip(chunk, outs):
                 t["prediction"] = tok.decode(ids)
                 n_tokens += len(ids) + 1  # + the end token (or the cut)
-    finally:
-        if was_training:
-            model.train()
     seconds = time.perf_counter() - t0
     metrics = score(tasks, meteor=meteor, java=java)
     metrics["decode_tokens_per_s"] = n_tokens / max(seconds, 1e-9)

@@ -10,6 +10,8 @@ own sampled token after; one batched cache serves all rows and no attention mask
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vlm_dist.text import get_tokenizer, prompt_tokens
@@ -28,19 +30,24 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def enter_decoding(model) -> bool:
-    """Put `model` in eval mode for a decode; returns whether it was training (then `model.train()` after).
-    A model in training first drops its decode caches (VLM.drop_decode_caches): ZeRO's optimizer writes
-    the weights through .data, which bumps no version. eval() walks every module (~1 ms with the vision
-    tower), so it runs only when the model was training."""
+@contextlib.contextmanager
+def decoding(model):
+    """`with decoding(model): ...` runs a decode in eval mode and hands the model back in the mode it came
+    in, also when the decode raises. A model in training first drops its decode caches
+    (VLM.drop_decode_caches): ZeRO's optimizer writes the weights through .data, which bumps no version.
+    eval() walks every module (~1 ms with the vision tower), so it runs only when the model was training."""
     was_training = model.training
     if was_training:
         model.drop_decode_caches()
         model.eval()
-    return was_training
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
+@torch.no_grad()
 def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
              generator: torch.Generator | None = None) -> list[list[int]]:
@@ -68,33 +75,31 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ends = torch.tensor([l + max_new_tokens for l in lengths], device=device)
     in_prompt_len = torch.tensor(lengths, device=device)
-    was_training = enter_decoding(model)
-    cache = model.new_cache(B) if use_cache else None
-    pos = start
-    greedy = temperature <= 0
+    with decoding(model):
+        cache = model.new_cache(B) if use_cache else None
+        pos = start
+        greedy = temperature <= 0
 
-    def cached_next(ids: torch.Tensor) -> torch.Tensor:
-        """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
-        the (B, V) logits; sampling: the last position's logits (B, V)."""
-        states = model.step_states(ids, cache, images=images if cache.lengths[0] == 0 else None, next_token_only=True)
-        return model.greedy_ids(states[0][:, -1]) if greedy else model.lm_head(states[0][:, -1])
+        def cached_next(ids: torch.Tensor) -> torch.Tensor:
+            """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
+            the (B, V) logits; sampling: the last position's logits (B, V)."""
+            states = model.step_states(ids, cache, images=images if cache.lengths[0] == 0 else None, next_token_only=True)
+            return model.greedy_ids(states[0][:, -1]) if greedy else model.lm_head(states[0][:, -1])
 
-    scores = cached_next(seq[:, :start]) if use_cache else None  # next ids (greedy) or logits (B, V)
-    while pos < total and not done.all():
-        if not use_cache:
-            logits = model(images, seq[:, :pos])["logits"][:, 0, -1]  # (B, V), full recompute
-            scores = logits.argmax(dim=-1) if greedy else logits
-        nxt = scores if greedy else _pick(scores, temperature, top_p, generator)
-        generating = pos >= in_prompt_len  # rows past their prompt take the model's token
-        nxt = torch.where(generating & ~done, nxt, seq[:, pos])
-        nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
-        seq[:, pos] = nxt
-        done |= generating & ((nxt == tok.eos_id) | (pos + 1 >= ends))
-        pos += 1
-        if use_cache and pos < total and not done.all():
-            scores = cached_next(seq[:, pos - 1 : pos])
-    if was_training:
-        model.train()
+        scores = cached_next(seq[:, :start]) if use_cache else None  # next ids (greedy) or logits (B, V)
+        while pos < total and not done.all():
+            if not use_cache:
+                logits = model(images, seq[:, :pos])["logits"][:, 0, -1]  # (B, V), full recompute
+                scores = logits.argmax(dim=-1) if greedy else logits
+            nxt = scores if greedy else _pick(scores, temperature, top_p, generator)
+            generating = pos >= in_prompt_len  # rows past their prompt take the model's token
+            nxt = torch.where(generating & ~done, nxt, seq[:, pos])
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
+            seq[:, pos] = nxt
+            done |= generating & ((nxt == tok.eos_id) | (pos + 1 >= ends))
+            pos += 1
+            if use_cache and pos < total and not done.all():
+                scores = cached_next(seq[:, pos - 1 : pos])
     out = []
     for b, p in enumerate(prompts):
         ids = seq[b, len(p) : ends[b]].tolist()

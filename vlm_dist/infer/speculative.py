@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_dist.infer.generate import enter_decoding
+from vlm_dist.infer.generate import decoding
 from vlm_dist.text import get_tokenizer
 
 @torch.no_grad()
@@ -45,59 +45,57 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                          f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
     device = next(model.parameters()).device
     images = images.to(device, model.projector.weight.dtype)
-    was_training = enter_decoding(model)
+    with decoding(model):
 
-    # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
-    # positions exact; the padding beyond them is hidden and overwritten once lengths are per row.
-    ids = torch.full((B, longest), tok.pad_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p, device=device)
-    # n spare cache slots: a call near the end of the context writes drafts past max_seq_len. Every token
-    # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
-    cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    heads = model.fused_heads()  # the draft heads stacked, for this decode
-    nxt, _, guesses = model.verify_step(ids, cache, images=images, last=last, heads=heads)
-    cache.set_lengths([P + len(p) for p in prompts])
-    draft = torch.cat([nxt[:, None], guesses], dim=1)  # (B, n): the next token + the heads' guesses
+        # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
+        # positions exact; the padding beyond them is hidden and overwritten once lengths are per row.
+        ids = torch.full((B, longest), tok.pad_id, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, device=device)
+        # n spare cache slots: a call near the end of the context writes drafts past max_seq_len. Every token
+        # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
+        cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        heads = model.fused_heads()  # the draft heads stacked, for this decode
+        nxt, _, guesses = model.verify_step(ids, cache, images=images, last=last, heads=heads)
+        cache.set_lengths([P + len(p) for p in prompts])
+        draft = torch.cat([nxt[:, None], guesses], dim=1)  # (B, n): the next token + the heads' guesses
 
-    out: list[list[int]] = [[] for _ in range(B)]
-    live = list(range(B))  # the original row of each row still in the batch
-    calls = row_calls = 0
-    accepted_at = [0] * n
-    while live:
-        base = cache.lengths
-        nxt, at, guesses = model.verify_step(draft, cache, heads=heads)  # every row's cache grew by n
-        calls += 1
-        row_calls += len(live)
-        # one host sync per call: each row's accepted count (at + 1) and its draft tokens
-        host = torch.cat([at[:, None], draft], dim=1).tolist()  # [last accepted position, draft...] per row
-        next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
-        keep = []
-        for r, b in enumerate(live):
-            acc, tokens = host[r][0] + 1, host[r][1:]
-            for i in range(acc):
-                accepted_at[i] += 1
-            finished = False
-            for t in tokens[:acc]:
-                if t == tok.eos_id:
-                    finished = True
-                    break
-                out[b].append(t)
-                if len(out[b]) >= max_new_tokens:
-                    finished = True
-                    break
-            if not finished:
-                keep.append(r)
-        cache.crop([l + h[0] + 1 for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)
-        draft = next_draft
-        if len(keep) < len(live):  # finished rows leave the batch: later calls do not compute them
-            live = [live[r] for r in keep]
-            if keep:
-                cache.keep_rows(keep)
-                draft = draft[keep]
-    if was_training:
-        model.train()
+        out: list[list[int]] = [[] for _ in range(B)]
+        live = list(range(B))  # the original row of each row still in the batch
+        calls = row_calls = 0
+        accepted_at = [0] * n
+        while live:
+            base = cache.lengths
+            nxt, at, guesses = model.verify_step(draft, cache, heads=heads)  # every row's cache grew by n
+            calls += 1
+            row_calls += len(live)
+            # one host sync per call: each row's accepted count (at + 1) and its draft tokens
+            host = torch.cat([at[:, None], draft], dim=1).tolist()  # [last accepted position, draft...] per row
+            next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
+            keep = []
+            for r, b in enumerate(live):
+                acc, tokens = host[r][0] + 1, host[r][1:]
+                for i in range(acc):
+                    accepted_at[i] += 1
+                finished = False
+                for t in tokens[:acc]:
+                    if t == tok.eos_id:
+                        finished = True
+                        break
+                    out[b].append(t)
+                    if len(out[b]) >= max_new_tokens:
+                        finished = True
+                        break
+                if not finished:
+                    keep.append(r)
+            cache.crop([l + h[0] + 1 for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)
+            draft = next_draft
+            if len(keep) < len(live):  # finished rows leave the batch: later calls do not compute them
+                live = [live[r] for r in keep]
+                if keep:
+                    cache.keep_rows(keep)
+                    draft = draft[keep]
     emitted = sum(map(len, out))
     return out, {"calls": calls, "row_calls": row_calls, "tokens": emitted,
                  "tokens_per_call": emitted / max(row_calls, 1),

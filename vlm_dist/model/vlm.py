@@ -272,7 +272,7 @@ class VLM(nn.Module):
         PyTorch, a load and .to(), but not a write through `.data`, which is how DeepSpeed's ZeRO
         optimizer updates the weights (same storage, no version bump): a stale table would pick greedy
         tokens from old rows under an old certificate. So decoding a model in training mode drops them
-        first (infer/generate.py `enter_decoding`: the trainer's generation eval); call it yourself after
+        first (infer/generate.py `decoding`: the trainer's generation eval); call it yourself after
         writing an eval-mode model's weights through `.data`. Dropping, not comparing with copies of the
         weights, keeps no second copy of the (V, D) unembedding (150 MB at base width)."""
         self._argmax_key = self._fused_key = None

@@ -265,7 +265,7 @@ def generation_eval(run: Run) -> None:
         run.log.warn_once("train.generate_every is ignored under ZeRO-3: export and run `vlm-dist eval` instead")
         return
     if run.info.is_main:
-        # decodes in eval mode and hands the module back in training mode (infer/generate.enter_decoding)
+        # decodes in eval mode and hands the module back in training mode (infer/generate.decoding)
         result = evaluate_generation(run.engine.module, run.cfg.data.val_shards, limit=run.cfg.train.generate_images,
                                      progress=False, meteor=False)
         metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
