@@ -60,8 +60,13 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert [r["reduce_bucket_size"] for r in buckets] == [50_000_000, res["bucket"]["trainable"]]
     assert all(r["status"] == "ok" for r in buckets) and 0 < res["bucket"]["trainable"] < 50_000_000
 
-    loader = res["loader"]
-    assert [r["workers"] for r in loader["rows"]] == [0, 2]
+    check = res["bucket"]["overflow_check"]  # DeepSpeed's bf16 overflow scan on and off, measured side by side
+    assert [r["variant"] for r in check] == ["check_grad_overflow on (default)", "check_grad_overflow off"]
+    assert all(r["status"] == "ok" and r["micro"] == 2 for r in check)
+
+    loader = res["loader"]  # the photos as they are, then shard-coco --resize to the tower's input
+    assert [(r["shards"].startswith("shard-coco --resize"), r["workers"]) for r in loader["rows"]] == [
+        (False, 0), (False, 2), (True, 0), (True, 2)]
     for r in loader["rows"]:  # 24 photos, micro 4, one stream or two: the whole epoch arrives
         assert r["images"] == 24 and r["images_s"] > 0
     assert 60 < loader["mean_kib"] < 400  # COCO-like compressed size, not a flat synthetic image

@@ -185,7 +185,16 @@ def part_bucket(bench, args, results) -> dict:
         bench.get_engine()
     fixed = bench.ds.get("zero_optimization", {}).get("reduce_bucket_size", int(5e8))
     sizes = [int(fixed), int(bench.trainable)]
-    return {"trainable": bench.trainable, "rows": bench.measure_buckets(best["micro"], best["ckpt"], sizes)}
+    out = {"trainable": bench.trainable, "rows": bench.measure_buckets(best["micro"], best["ckpt"], sizes)}
+    if bench.ds.get("bf16", {}).get("enabled"):
+        # DeepSpeed's bf16 per-parameter inf/NaN scan (~7 launches per parameter + a host sync per step,
+        # docs/bench/gpu_round5.md): its cost where the host sets the pace, the smallest micro-batch. A
+        # measurement only: turning it off also lets a non-finite gradient norm reach the weights.
+        micro = ints(args.micros)[0]
+        out["overflow_check"] = bench.measure_ds_variants(micro, True, {
+            "check_grad_overflow on (default)": {},
+            "check_grad_overflow off": {"bf16": {**bench.ds["bf16"], "check_grad_overflow": False}}})
+    return out
 
 
 def part_loader(cfg, args) -> dict:
@@ -199,15 +208,18 @@ def loader_rows(cfg, args, workdir: Path) -> dict:
     from benchlib.loader_bench import loader_throughput, make_photo_shards
 
     t = time.perf_counter()
-    shards = make_photo_shards(workdir, args.photos, workers=os.cpu_count() or 1)
-    made = {"photos": shards["n"], "mean_kib": shards["mean_kib"], "make_s": time.perf_counter() - t}
-    print(f"  {shards['n']} photos ({shards['mean_kib']:.0f} KiB mean) + shards in {made['make_s']:.1f} s", file=sys.stderr)
+    size = cfg.model.vision.geometry["image_size"]
+    shards = make_photo_shards(workdir, args.photos, workers=os.cpu_count() or 1, resize=size)
+    made = {"photos": shards["n"], "mean_kib": shards["mean_kib"], "make_s": time.perf_counter() - t, "resize": size}
+    print(f"  {shards['n']} photos ({shards['mean_kib']:.0f} KiB mean) + shards, as they are and resized to {size}, "
+          f"in {made['make_s']:.1f} s", file=sys.stderr)
     rows = []
-    for w in ints(args.loader_workers):
-        row = loader_throughput(cfg, shards["shards"], w, args.loader_micro)
-        print(f"  {w:2d} workers: {row['images_s']:.0f} images/s over the epoch, steady "
-              f"{row['steady_images_s'] or float('nan'):.0f}", file=sys.stderr)
-        rows.append(row)
+    for key, label in [("shards", "640x480 JPEGs as they are"), ("shards_resized", f"shard-coco --resize {size}")]:
+        for w in ints(args.loader_workers):
+            row = {**loader_throughput(cfg, shards[key], w, args.loader_micro), "shards": label}
+            print(f"  {label}, {w:2d} workers: {row['images_s']:.0f} images/s over the epoch, steady "
+                  f"{row['steady_images_s'] or float('nan'):.0f}", file=sys.stderr)
+            rows.append(row)
     return {**made, "cpus": os.cpu_count(), "rows": rows}
 
 

@@ -21,15 +21,20 @@ import torch
 from benchlib.photos import make_coco_like
 
 
-def make_photo_shards(root: Path, n: int, workers: int = 1, shard_size: int = 64, seed: int = 0) -> dict:
-    """n photos under root/photos, sharded by shard-coco into root/shards (reused when already there)."""
+def make_photo_shards(root: Path, n: int, workers: int = 1, shard_size: int = 64, seed: int = 0,
+                      resize: int | None = None) -> dict:
+    """n photos under root/photos, sharded by shard-coco into root/shards (reused when already there);
+    with resize, also into root/shards_resized by `shard-coco --resize` ("shards_resized" in the result)."""
     from vlm_dist.data.shard import shard_coco
 
     photos = make_coco_like(root / "photos", n, seed=seed, workers=workers)
-    out = root / "shards"
-    shard_coco(photos["images"], [photos["ann"]], out, split="train", shard_size=shard_size, workers=workers,
-               progress=False, log=lambda m: None)
-    return {**photos, "shards": out}
+    out = {"shards": root / "shards"}
+    if resize:
+        out["shards_resized"] = root / "shards_resized"
+    for key, path in out.items():
+        shard_coco(photos["images"], [photos["ann"]], path, split="train", shard_size=shard_size,
+                   resize=resize if key == "shards_resized" else None, workers=workers, progress=False, log=lambda m: None)
+    return {**photos, **out}
 
 
 def loader_throughput(cfg, shards: Path, workers: int, micro: int, max_batches: int | None = None) -> dict:

@@ -297,6 +297,18 @@ class TrainBench:
         return {"micro": micro, "ckpt": ckpt, "steps": steps, "busy_ms_per_step": total / 1e3 / steps, "kind": kind,
                 "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": device_busy, "rows": rows}
 
+    def measure_ds_variants(self, micro: int, ckpt: bool, variants: dict[str, dict]) -> list[dict]:
+        """The same step on a fresh engine per DeepSpeed variant (top-level sections replaced as given)."""
+        rows, saved = [], self.ds
+        for name, change in variants.items():
+            self.drop_engine()
+            self.ds = {**saved, **change}
+            self.log(f"  {name}")
+            rows.append({**self.measure(micro, ckpt), "variant": name})
+        self.ds = saved
+        self.drop_engine()
+        return rows
+
     def measure_buckets(self, micro: int, ckpt: bool, buckets: list[int]) -> list[dict]:
         """The same step with zero_optimization.reduce_bucket_size set to each size (a fresh engine each)."""
         rows, saved = [], self.ds
