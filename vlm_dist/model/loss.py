@@ -5,9 +5,9 @@ ever holding the (rows, V) logits, and with ONE (V, D) weight gradient for all h
     logits = unembed(x)                                  # (..., V), as nn.Linear
     ce = unembed(x, targets)                             # (N,) fp32 cross-entropy of each row of x (N, D)
 
-Forward computes the logits of CHUNK_ELEMENTS // V rows at a time and keeps only each row's logsumexp;
-backward recomputes each chunk's logits, turns them into (softmax - onehot) * grad in place, and
-accumulates dW with addmm_ into one fp32 buffer. Autograd's own version keeps every row's fp32
+Forward computes the logits of CHUNK_ELEMENTS // V rows at a time (CUDA_CHUNK_ELEMENTS on a GPU) and
+keeps only each row's logsumexp; backward recomputes each chunk's logits, turns them into
+(softmax - onehot) * grad in place, and accumulates dW into one fp32 buffer (accumulate_dw). Autograd's own version keeps every row's fp32
 log-probabilities for backward and makes one (V, D) gradient per use of W; the model calls this once
 for all heads' rows (tools/bench_head_loss.py measures the peak). The gradient is the same function
 of the inputs (tests/test_heads_loss.py checks 1e-6 in fp32, and under ZeRO-2/3); calling it through
