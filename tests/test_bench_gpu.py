@@ -71,6 +71,11 @@ def test_cpu_smoke_runs_every_part(tmp_path):
         assert r["images"] == 24 and r["images_s"] > 0
     assert 60 < loader["mean_kib"] < 400  # COCO-like compressed size, not a flat synthetic image
 
+    prof = res["decode"]["profile"]  # host work per token of each decoder, from a real profiled decode
+    for name in ("greedy", "speculative"):
+        assert prof[name]["tokens"] == 6 and prof[name]["aten_ops_per_token"] > 10 and prof[name]["top"]
+        assert prof[name]["launches_per_token"] == prof[name]["syncs_per_token"] == 0  # no CUDA runtime on the CPU
+
     dec = res["decode"]["rows"]
     assert [r["batch"] for r in dec] == [1, 8]
     for r in dec:

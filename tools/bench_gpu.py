@@ -226,15 +226,22 @@ def loader_rows(cfg, args, workdir: Path) -> dict:
 def part_decode(cfg, args, device) -> dict:
     import torch
 
-    from benchlib.decode_bench import bench_decode
+    from benchlib.decode_bench import bench_decode, profile_decode
     from vlm_dist.model import VLM
+    from vlm_dist.text import get_tokenizer, prompt_tokens
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = VLM(cfg.model).to(device, dtype).eval()
     rows = bench_decode(model, ints(args.decode_batches), args.new_tokens, args.decode_repeats,
                         log=lambda m: print(m, file=sys.stderr))
-    return {"dtype": str(dtype).removeprefix("torch."), "n_future": cfg.model.n_future, "rows": rows}
+    size = cfg.model.vision.geometry["image_size"]
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    prof = profile_decode(model, image, prompt_tokens(get_tokenizer()), args.new_tokens)
+    for name, p in prof.items():
+        print(f"  profile, batch 1, {name}: {p['ms_per_token']:.2f} ms, {p['aten_ops_per_token']:.0f} aten ops, "
+              f"{p['launches_per_token']:.0f} launches, {p['syncs_per_token']:.1f} syncs per token", file=sys.stderr)
+    return {"dtype": str(dtype).removeprefix("torch."), "n_future": cfg.model.n_future, "rows": rows, "profile": prof}
 
 
 def main(argv: list[str] | None = None) -> dict:

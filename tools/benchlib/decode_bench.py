@@ -2,13 +2,19 @@
 
     rows = bench_decode(model, batches=[1, 8], new_tokens=32, repeats=3)
 
-The model has random weights (nothing can be downloaded): random heads rarely agree with the trunk
-and rarely emit the end token, so every row decodes all `new_tokens` tokens and speculative decoding
-accepts ~1 token per model call. These figures therefore measure the cost of the decoding machinery
-(greedy: one cached step per token; speculative: one cached verify step over n_future draft tokens
-plus the extra heads, per accepted token) at the model's width, not the speed-up trained heads give
-(tools/bench_decode.py --model EXPORT --shards VAL measures that on a trained export).
+The model has random weights (nothing can be downloaded). How many draft tokens it accepts depends on
+what it happens to predict: at base width in bf16 on an H100 it repeated one token and accepted 3.2
+per call (docs/bench/gpu_round5.md); tokens per call is measured, never assumed. These figures measure
+the cost of the decoding machinery (greedy: one cached step per token; speculative: one cached verify
+step over n_future draft tokens plus the extra heads) at the model's width, not the speed-up trained
+heads give (tools/bench_decode.py --model EXPORT --shards VAL measures that on a trained export).
 Greedy and speculative runs alternate `repeats` times; medians.
+
+    prof = profile_decode(model, images, prompt, new_tokens)   # per token: host ops, launches, syncs
+
+profile_decode counts, per emitted token, what the host does for each decoder: aten ops, kernel
+launches and device synchronisations (CUDA runtime calls in torch.profiler's trace). Where a decode is
+launch-bound (batch 1 on a GPU), these counts, not FLOPs, set its speed.
 """
 
 from __future__ import annotations
@@ -79,3 +85,37 @@ def bench_decode(model, batches: list[int], new_tokens: int, repeats: int, log=p
             f"tokens/s ({row['tokens_per_call']:.2f} tokens/call), identical rows {row['identical_rows']}/{B}")
         rows.append(row)
     return rows
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+@torch.no_grad()
+def profile_decode(model, images: torch.Tensor, prompt: list[int], new_tokens: int, top: int = 8) -> dict:
+    """torch.profiler over one greedy and one speculative decode of `images`: per emitted token, the
+    host's aten ops, kernel launches, device synchronisations and device-to-host copies, and the ops
+    with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for name, fn in [("greedy", lambda: greedy(model, images, prompt, new_tokens)),
+                     ("speculative", lambda: speculative(model, images, prompt, new_tokens)[0])]:
+        fn()  # warm-up
+        with profile(activities=acts) as prof:
+            wall, ids = _timed(fn, device)
+        tokens = max(1, sum(map(len, ids)))
+        events = prof.key_averages()
+
+        def count(names) -> int:
+            return sum(e.count for e in events if e.key in names)
+
+        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        out[name] = {"tokens": tokens, "ms_per_token": 1e3 * wall / tokens,
+                     "aten_ops_per_token": sum(e.count for e in events if e.key.startswith("aten::")) / tokens,
+                     "launches_per_token": count(LAUNCH_CALLS) / tokens, "syncs_per_token": count(SYNC_CALLS) / tokens,
+                     "top": [{"name": e.key[:80], "self_cpu_us_per_token": e.self_cpu_time_total / tokens,
+                              "calls_per_token": e.count / tokens} for e in ranked]}
+    return out

@@ -132,6 +132,16 @@ def render(results: dict) -> str:
                          f"| {r['speculative_tokens_s'] / r['greedy_tokens_s']:.2f} | {r['tokens_per_call']:.2f} "
                          f"| {r['identical_rows']}/{r['batch']} |")
         lines.append("")
+        if dec.get("profile"):
+            lines += ["Host work per emitted token, batch 1 (torch.profiler; launches and syncs are CUDA runtime "
+                      "calls, 0 on the CPU):", "",
+                      "| decoder | ms per token (profiled) | aten ops | kernel launches | device syncs | top host ops (self CPU us per token) |",
+                      "|---|---|---|---|---|---|"]
+            for name, p in dec["profile"].items():
+                tops = "; ".join(f"`{t['name']}` {t['self_cpu_us_per_token']:.0f}" for t in p["top"][:4])
+                lines.append(f"| {name} | {p['ms_per_token']:.2f} | {p['aten_ops_per_token']:.0f} | "
+                             f"{p['launches_per_token']:.0f} | {p['syncs_per_token']:.1f} | {tops} |")
+            lines.append("")
     secs = results.get("seconds", {})
     lines.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
     return "\n".join(lines) + "\n"
