@@ -63,8 +63,7 @@ class VisionConfig(Section):
     model_name: str = Field(
         "ViT-B-32",
         description="open_clip model whose vision tower encodes the image (any square ViT in "
-        "open_clip.list_models(); 'vlm-tiny-vit' is this package's small tower: 32 px, patch 8, width 32, one block; "
-        "'vlm-tiny-vit-w64', the demo's, is the same at width 64).",
+        "open_clip.list_models(); 'vlm-tiny-vit' is this package's small tower: 32 px, patch 8, width 32, one block).",
     )
     pretrained: str | None = Field(
         None,
@@ -312,7 +311,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log": {"log_every": 1, "grad_stats_every": 2, "histograms_every": 4},
     },
     # The CPU demo: the synthetic shapes task on 2 cores, trained from scratch (no pretrained vision weights
-    # offline): a 32 px patch-8 tower (16 image tokens, width 64), 4 blocks x 128. What made it learn (tools/run_demo.sh:
+    # offline): a 32 px patch-8 tower (16 image tokens), 4 blocks x 128. What made it learn (tools/run_demo.sh:
     # 4800 images x 16 epochs = 2400 steps, 98 % caption exact match, docs/bench/issue10_round3.md) was steps,
     # not a bigger tower: two-shape scenes need ~1500 steps before the decoder binds attributes to the left /
     # right shape. n_future 1 buys those steps: on this CPU three extra heads cost 2.6x per step, and their
@@ -320,11 +319,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # keeps n_future 4.
     "demo": {
         "model": {
-            # the tower at width 64 (4 heads; 64k of the model's 7.2M parameters): with width 32, colour questions
-            # naming one of two shapes by its kind ("the circle") stayed near the answer-both-alike constant; at 64
-            # they gained +7.7 / +9.5 points (two seeds, 1600-step ablations) at the same seconds per step
-            # (docs/bench/issue10_round5.md)
-            "vision": {"model_name": "vlm-tiny-vit-w64", "freeze": False},
+            "vision": {"model_name": "vlm-tiny-vit", "freeze": False},
             "d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "n_future": 1,
             "activation_checkpointing": False,
             # text reads the question before the image: without it, answers about one of two shapes ignored
