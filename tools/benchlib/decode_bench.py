@@ -94,8 +94,7 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaL
 @torch.no_grad()
 def profile_decode(model, images: torch.Tensor, prompt: list[int], new_tokens: int, top: int = 8) -> dict:
     """torch.profiler over one greedy and one speculative decode of `images`: per emitted token, the
-    host's aten ops, kernel launches, device synchronisations and device-to-host copies, and the ops
-    with the most self CPU time."""
+    host's aten ops, kernel launches and device synchronisations, and the ops with the most self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(model.parameters()).device

@@ -124,7 +124,7 @@ def render(results: dict) -> str:
     elif dec:
         lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, random weights: how many draft tokens "
                   "are accepted depends on what the random model happens to predict (it often repeats one token), "
-                  "so read this as the decoding machinery's cost at base width, not a trained model's speed-up)", "",
+                  "so read this as the decoding machinery's cost at the preset's width, not a trained model's speed-up)", "",
                   "| batch | new tokens/row | greedy tokens/s | speculative tokens/s | spec / greedy "
                   "| tokens per spec call | rows identical |", "|---|---|---|---|---|---|---|"]
         for r in dec["rows"]:
