@@ -191,9 +191,9 @@ def part_bucket(bench, args, results) -> dict:
         # docs/bench/gpu_round5.md): its cost where the host sets the pace, the smallest micro-batch. A
         # measurement only: turning it off also lets a non-finite gradient norm reach the weights.
         micro = ints(args.micros)[0]
-        out["overflow_check"] = bench.measure_ds_variants(micro, True, {
-            "check_grad_overflow on (default)": {},
-            "check_grad_overflow off": {"bf16": {**bench.ds["bf16"], "check_grad_overflow": False}}})
+        out["overflow_check"] = bench.measure_ds_variants(micro, True, [
+            ("check_grad_overflow on (default)", {}),
+            ("check_grad_overflow off", {"bf16": {**bench.ds["bf16"], "check_grad_overflow": False}})])
     return out
 
 

@@ -273,9 +273,10 @@ class TrainBench:
         engine_step(engine, *data)
         sync(self.device)
         cuda = self.device.type == "cuda"
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         if cuda and not host:
             acts = [ProfilerActivity.CUDA]
+        else:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         t = time.perf_counter()
         with profile(activities=acts) as prof:
             for _ in range(steps):
@@ -297,10 +298,11 @@ class TrainBench:
         return {"micro": micro, "ckpt": ckpt, "steps": steps, "busy_ms_per_step": total / 1e3 / steps, "kind": kind,
                 "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": device_busy, "rows": rows}
 
-    def measure_ds_variants(self, micro: int, ckpt: bool, variants: dict[str, dict]) -> list[dict]:
-        """The same step on a fresh engine per DeepSpeed variant (top-level sections replaced as given)."""
+    def measure_ds_variants(self, micro: int, ckpt: bool, variants: list[tuple[str, dict]]) -> list[dict]:
+        """The same step on a fresh engine per (name, change) DeepSpeed variant (top-level sections of the
+        config replaced as given)."""
         rows, saved = [], self.ds
-        for name, change in variants.items():
+        for name, change in variants:
             self.drop_engine()
             self.ds = {**saved, **change}
             self.log(f"  {name}")
@@ -311,12 +313,8 @@ class TrainBench:
 
     def measure_buckets(self, micro: int, ckpt: bool, buckets: list[int]) -> list[dict]:
         """The same step with zero_optimization.reduce_bucket_size set to each size (a fresh engine each)."""
-        rows, saved = [], self.ds
-        for size in buckets:
-            self.drop_engine()
-            self.ds = {**saved, "zero_optimization": {**saved.get("zero_optimization", {}), "reduce_bucket_size": size}}
-            self.log(f"  reduce_bucket_size {size:.3g}")
-            rows.append({**self.measure(micro, ckpt), "reduce_bucket_size": size})
-        self.ds = saved
-        self.drop_engine()
-        return rows
+        zero = self.ds.get("zero_optimization", {})
+        variants = [(f"reduce_bucket_size {size:.3g}", {"zero_optimization": {**zero, "reduce_bucket_size": size}})
+                    for size in buckets]
+        return [{**row, "reduce_bucket_size": size}
+                for row, size in zip(self.measure_ds_variants(micro, ckpt, variants), buckets)]

@@ -161,12 +161,9 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.hide_image:
             mask = self.text_only_mask(T, S, cache, qkv.device)
-            if self.kind == "sdpa":
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-            return explicit_attention(q, k, v, mask, p)
-        if self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
+        elif self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
-        if cache is not None:
+        elif cache is not None:
             mask = cache.attn_mask(T, additive=self.kind == "sdpa")
         else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
             mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T) if T > 1 else None
