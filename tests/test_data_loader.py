@@ -282,3 +282,49 @@ def test_normalize_refuses_float_images():
     assert once.dtype == torch.float32 and once.abs().max() > 0.5
     with pytest.raises(TypeError, match="uint8"):
         normalize_images(once, 32)
+
+
+
+def test_dialogue_samples_keep_the_first_turn_and_add_other_pairs_of_the_image(demo):
+    """data.qa_turns=3: a question sample becomes a dialogue. Its first turn is the qa_turns=1 sample's
+    sequence, token for token (the same question is drawn), each later turn is another question of the
+    same image with its own answer, and the loss covers exactly the answers and their end tokens."""
+    tok = get_tokenizer()
+
+    def rows(turns: int) -> dict:
+        cfg = cfg_with("data.max_text_len=40", "model.max_seq_len=56", f"data.qa_turns={turns}")
+        loader = build_loader(cfg, demo["shards"], rank=0, world_size=1, micro_batch=8, train=True, num_workers=0)
+        return {k: (iid, kind, q, ids.tolist(), t[0].tolist()) for b in run(loader)
+                for k, iid, kind, q, ids, t, pad in zip(b["keys"], b["image_ids"], b["kinds"], b["questions"],
+                                                        b["input_ids"], b["targets"], b["is_pad"]) if not pad}
+
+    def sequence(ids: list[int], labels: list[int]) -> list[int]:
+        """The sample's tokens up to its last target (the inputs, then that target: the final <eot>)."""
+        last = max(j for j, t in enumerate(labels) if t != IGNORE_INDEX)
+        return ids[: last + 1] + [labels[last]]
+
+    one, three = rows(1), rows(3)
+    assert one.keys() == three.keys() and len(one) == N_TRAIN
+    turns_per_sample = []
+    for key, (iid, kind, q, ids, labels) in three.items():
+        _, kind1, q1, ids1, labels1 = one[key]
+        assert (kind, q) == (kind1, q1)
+        if kind == "caption":
+            assert (ids, labels) == (ids1, labels1)
+            continue
+        seq, first = sequence(ids, labels), sequence(ids1, labels1)
+        assert seq[: len(first)] == first  # the one-question sample is the dialogue's first turn
+        assert seq[0] == tok.bos_id and seq[-1] == tok.eos_id
+        cuts = [0] + [j + 1 for j, t in enumerate(seq) if t == tok.eos_id]
+        turns = [[t for t in seq[a:b] if t != tok.bos_id] for a, b in zip(cuts, cuts[1:])]
+        asked = []
+        for turn in turns:  # each is "question: Q answer: A <eot>" for one of this image's pairs
+            match = [qq for qq, a in demo["qa"][iid].items()
+                     if turn == tok.encode(f"question: {qq} answer:") + tok.encode(a) + [tok.eos_id]]
+            assert len(match) == 1, tok.decode(turn)
+            asked.append(match[0])
+        assert asked[0] == q and len(set(asked)) == len(asked) <= 3
+        answers = [x for qq in asked for x in tok.encode(demo["qa"][iid][qq]) + [tok.eos_id]]
+        assert [t for t in labels if t != IGNORE_INDEX] == answers  # answers and <eot>s, no prompt
+        turns_per_sample.append(len(turns))
+    assert sorted(set(turns_per_sample)) == [2, 3]  # 40 tokens hold two turns, and three short ones

@@ -5,6 +5,7 @@ import torch
 
 from vlm_dist.text import (
     IGNORE_INDEX,
+    add_turns,
     build_example,
     collate_examples,
     get_tokenizer,
@@ -84,3 +85,18 @@ def test_validate_targets_catches_misalignment():
         validate_targets(inputs, torch.full_like(targets, IGNORE_INDEX), tok.vocab_size)
     with pytest.raises(ValueError, match="need \\(B, n_future, T\\)"):
         validate_targets(inputs, targets[:, :, :-1], tok.vocab_size)
+
+
+def test_dialogue_appends_whole_turns_that_fit_and_masks_only_answers():
+    first = build_example(tok, "red", 30, question="what colour is the circle?")
+    long_q = ("what colour is the shape on the left of the large square?", "blue")
+    ex, added = add_turns(tok, first, [long_q, ("how many?", "2")], 30)
+    turn = tok.encode("question: how many? answer:")
+    assert added == 1  # the long turn does not fit in 30 tokens: skipped whole, the short one after it added
+    assert ex.tokens == first.tokens + turn + tok.encode("2") + [tok.eos_id]
+    assert ex.loss_mask == first.loss_mask + [False] * len(turn) + [True, True]
+    assert add_turns(tok, first, [long_q], 64)[1] == 1 and add_turns(tok, first, [], 30) == (first, 0)
+    cut = build_example(tok, "one two three four five six seven", 12, question="what?")
+    assert cut.truncated and add_turns(tok, cut, [("how many?", "2")], 64) == (cut, 0)  # nothing after a cut answer
+    with pytest.raises(ValueError, match="empty answer"):
+        add_turns(tok, first, [("how many?", " ")], 64)

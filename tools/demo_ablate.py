@@ -40,10 +40,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlm_dist.config import load_config  # noqa: E402
 from vlm_dist.data.demo import caption, make_scene, questions, render  # noqa: E402
-from vlm_dist.data.samples import ImageToTensor  # noqa: E402
+from vlm_dist.data.samples import ImageToTensor, draw_turns  # noqa: E402
 from vlm_dist.model import VLM  # noqa: E402
 from vlm_dist.model.decoder import Attention  # noqa: E402
-from vlm_dist.text import IGNORE_INDEX, build_example, collate_examples, get_tokenizer, make_targets  # noqa: E402
+from vlm_dist.text import IGNORE_INDEX, add_turns, build_example, collate_examples, get_tokenizer, make_targets  # noqa: E402
 
 
 _PREFIX: list[torch.Tensor | None] = [None]  # (B, 1, S, S) bool attention mask while --prefix-lm is on
@@ -221,9 +221,10 @@ def main() -> None:
         idx, batch = rng.sample(range(len(train)), a.batch), []
         for i in idx:
             _, cap, qa, _ = train[i]
-            if qa and rng.random() < a.qa:
-                q, ans = rng.choice(qa)
-                batch.append(build_example(tok, ans, cfg.data.max_text_len, question=q))
+            if qa and rng.random() < a.qa:  # a dialogue of data.qa_turns pairs, as the loader makes
+                (q, ans), *more = draw_turns(qa, rng, cfg.data.qa_turns)
+                example = build_example(tok, ans, cfg.data.max_text_len, question=q)
+                batch.append(add_turns(tok, example, more, cfg.data.max_text_len)[0])
             else:
                 batch.append(build_example(tok, cap, cfg.data.max_text_len))
         tokens, mask = collate_examples(batch, tok.pad_id)

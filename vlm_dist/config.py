@@ -215,6 +215,11 @@ class DataConfig(Section):
     qa_fraction: float = Field(
         0.5, ge=0, le=1, description="Probability that a sample with Q&A pairs is used as a question instead of a caption."
     )
+    qa_turns: int = Field(
+        1, ge=1, description="Most Q&A pairs of one image in a question sample, as one dialogue (LLaVA-style): the "
+        "drawn question first, then other pairs of the same image, drawn at random, while they fit in max_text_len. "
+        "1 = one question per sample.",
+    )
     shuffle_buffer: int = Field(256, ge=0, description="Samples held in webdataset's shuffle buffer (0 = no shuffle).")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
     resampled: bool = Field(

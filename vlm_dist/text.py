@@ -4,6 +4,10 @@ A sample's text is one token sequence that follows the image tokens:
 
     caption:  <sot> a red circle on the left <eot>
     Q&A:      <sot> question : what colour is the circle ? answer : red <eot>
+    dialogue: <sot> question : what colour is the circle ? answer : red <eot> question : how many ... <eot>
+
+(a dialogue is several Q&A turns about one image in one sequence, as LLaVA trains; its first turn is
+the Q&A sequence exactly, which is the prompt that generation and evaluation use.)
 
 The loss covers only the caption / answer tokens and the end token (`loss_mask`). For next-token
 prediction the model reads `inputs = tokens[:-1]` and head k (k = 0 .. n_future-1) is trained to
@@ -94,6 +98,30 @@ def build_example(tok: Tokenizer, target: str, max_len: int, question: str | Non
     truncated = len(body) > room
     body = body[:room]
     return Example(prompt + body, [False] * len(prompt) + [True] * len(body), truncated)
+
+
+def add_turns(tok: Tokenizer, first: Example, turns: list[tuple[str, str]], max_len: int) -> tuple[Example, int]:
+    """A dialogue: the Q&A example `first` (build_example) followed by more (question, answer) turns about
+    the same image; returns (example, turns added).
+
+    `first` is kept token for token, so what follows it cannot change what the model learns to answer to
+    the one-question prompt of generation and evaluation (attention is causal). Each turn is appended
+    whole, its prompt without <sot> and its answer closed by <eot>, if it fits in `max_len`; one that does
+    not fit is skipped, never cut. The loss covers every answer and its end token, and no prompt.
+    """
+    if first.truncated:  # its answer lost the end token: nothing may follow it
+        return first, 0
+    tokens, mask, added = list(first.tokens), list(first.loss_mask), 0
+    for question, answer in turns:
+        if not answer or not answer.strip():
+            raise ValueError(f"empty answer to {question!r}: every Q&A pair needs a non-empty answer")
+        prompt = tok.encode(QA_PROMPT.format(question=question.strip()))
+        body = tok.encode(answer) + [tok.eos_id]
+        if len(tokens) + len(prompt) + len(body) <= max_len:
+            tokens += prompt + body
+            mask += [False] * len(prompt) + [True] * len(body)
+            added += 1
+    return Example(tokens, mask), added
 
 
 def collate_examples(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

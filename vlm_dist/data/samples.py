@@ -21,7 +21,7 @@ from torch.utils.data import get_worker_info
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import rng_for
 from vlm_dist.data.images import model_pixels
-from vlm_dist.text import Example, build_example, collate_examples, get_tokenizer, make_targets
+from vlm_dist.text import Example, add_turns, build_example, collate_examples, get_tokenizer, make_targets
 
 WANTED = frozenset({"jpg", "json", "txt"})
 
@@ -72,6 +72,17 @@ class ImageToTensor:
         return self.normalize(self.pixels(raw))  # (3, S, S) float32
 
 
+def draw_turns(pairs: list, rng, turns: int) -> list:
+    """The Q&A pairs of one question sample: a random pair, then up to turns - 1 other pairs of the same
+    image in random order (data.qa_turns). The later ones are drawn only when turns > 1, so a one-turn
+    sample takes the same random numbers as ever (rng.choice draws like randrange)."""
+    pick = rng.randrange(len(pairs))
+    if turns == 1:
+        return [pairs[pick]]
+    others = pairs[:pick] + pairs[pick + 1 :]
+    return [pairs[pick], *rng.sample(others, min(turns - 1, len(others)))]
+
+
 class SamplePreparer:
     """Callable turning one raw webdataset sample (bytes per extension) into one prepared sample."""
 
@@ -82,6 +93,7 @@ class SamplePreparer:
         self.max_len = cfg.data.max_text_len
         self.n_future = cfg.model.n_future
         self.qa_fraction = cfg.data.qa_fraction
+        self.qa_turns = cfg.data.qa_turns
         self.seed = seed
 
     def __call__(self, raw: dict, epoch: int) -> dict:
@@ -99,23 +111,27 @@ class SamplePreparer:
         rng = rng_for("sample", self.seed, epoch, key)
         use_qa = rng.random() < self.qa_fraction
         if qa and (use_qa or not captions):
-            pair = qa[rng.randrange(len(qa))]
+            pair, *more = draw_turns(qa, rng, self.qa_turns)
             kind, question, target, refs = "qa", pair["question"], pair["answer"], [pair["answer"]]
         else:
             kind, question, target, refs = "caption", None, captions[rng.randrange(len(captions))], captions
-        example, question = self._example(target, question, captions, rng)
+            more = []
+        example, question = self._example(target, question, captions, rng, [(p["question"], p["answer"]) for p in more])
         if question is None and kind == "qa":  # the question did not fit: fell back to a caption
             kind, refs = "caption", captions
         image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
         return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
                 "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
 
-    def _example(self, target: str, question: str | None, captions: list[str], rng) -> tuple[Example, str | None]:
+    def _example(self, target: str, question: str | None, captions: list[str], rng,
+                 more: list[tuple[str, str]]) -> tuple[Example, str | None]:
         try:
-            return build_example(self.tok, target, self.max_len, question), question
+            example = build_example(self.tok, target, self.max_len, question)
         except ValueError:
             if question is None:
                 raise
+        else:
+            return (add_turns(self.tok, example, more, self.max_len)[0] if more else example), question
         if captions:  # the prompt leaves no room for the answer: use a caption of the same image instead
             return build_example(self.tok, captions[rng.randrange(len(captions))], self.max_len), None
         words = question.split()
