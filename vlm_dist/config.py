@@ -331,7 +331,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             # which shape was asked (docs/bench/issue10_round4.md)
             "text_first_layers": 1,
         },
-        "data": {"max_text_len": 32, "shuffle_buffer": 512},
+        # two Q&A turns per question sample (32 tokens hold two): colour questions that name one of two shapes by
+        # its kind were the last type under 90 % with one (docs/bench/issue10_round6.md)
+        "data": {"max_text_len": 32, "shuffle_buffer": 512, "qa_turns": 2},
         "train": {"epochs": 16, "eval_every": 400, "save_every": 400, "generate_every": 400, "generate_images": 32,
                   "keep_epochs": 2},
         "log": {"log_every": 10, "grad_stats_every": 50, "histograms_every": 200},
