@@ -127,3 +127,35 @@ def test_cuda_bf16_head_loss_gradients_are_as_accurate_as_autograds():
     for name, o, p, r in zip(("dx", "dW"), ours, plain, ref):
         assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
         assert rel(o, r) <= max(1.5 * rel(p, r), 1e-3) and rel(o, r) < 1e-2, (name, rel(o, r), rel(p, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(monkeypatch, dtype):
+    """Small problems keep each chunk's logits from forward (KEEP_ELEMENTS) instead of recomputing them:
+    the same GEMM on the same chunk, so loss and gradients are identical to the last bit, and a second
+    backward through the same graph (retain_graph) recomputes and still agrees."""
+    from vlm_dist.model.loss import LinearCrossEntropy
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 5 * 49408)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(13, 32, generator=g).to(dtype)  # 3 chunks of 5 rows, the last ragged
+    w0 = (torch.randn(49408, 32, generator=g) * 0.05).to(dtype)
+    y = torch.randint(0, 49408, (13,), generator=g)
+    scale = torch.rand(13, generator=g)  # a per-row incoming gradient, as the per-sample means give
+
+    def run(keep: int, backwards: int = 1):
+        monkeypatch.setattr(loss_module, "KEEP_ELEMENTS", keep)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        ce = LinearCrossEntropy.apply(x, w, y, 5)
+        out = []
+        for _ in range(backwards):
+            x.grad = w.grad = None
+            (ce * scale).sum().backward(retain_graph=True)
+            out.append((ce.detach(), x.grad, w.grad))
+        return out
+
+    (recomputed,) = run(keep=0)
+    kept, again = run(keep=1 << 30, backwards=2)
+    for a, b, c in zip(recomputed, kept, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert recomputed[2].abs().max() > 0

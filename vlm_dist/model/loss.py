@@ -6,8 +6,9 @@ ever holding the (rows, V) logits, and with ONE (V, D) weight gradient for all h
     ce = unembed(x, targets)                             # (N,) fp32 cross-entropy of each row of x (N, D)
 
 Forward computes the logits of CHUNK_ELEMENTS // V rows at a time (CUDA_CHUNK_ELEMENTS on a GPU) and
-keeps only each row's logsumexp; backward recomputes each chunk's logits, turns them into
-(softmax - onehot) * grad in place, and accumulates dW into one fp32 buffer (accumulate_dw). Autograd's own version keeps every row's fp32
+keeps only each row's logsumexp (and the logits themselves while they are small: KEEP_ELEMENTS); backward
+recomputes each chunk's logits, turns them into (softmax - onehot) * grad in place, and accumulates dW
+into one fp32 buffer (accumulate_dw). Autograd's own version keeps every row's fp32
 log-probabilities for backward and makes one (V, D) gradient per use of W; the model calls this once
 for all heads' rows (tools/bench_head_loss.py measures the peak). The gradient is the same function
 of the inputs (tests/test_heads_loss.py checks 1e-6 in fp32, and under ZeRO-2/3); calling it through
@@ -26,6 +27,11 @@ from torch import nn
 # base step on an H100 (docs/bench/gpu_round5.md); 2^26 fp32 = 256 MiB there, ~1360 rows.
 CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
+# Logits of at most this many elements in all (2^24 fp32 = 64 MiB) are kept from forward for backward
+# instead of recomputed: a CPU demo step (~150 rows) then makes 3 vocabulary-sized GEMMs, not 4 (the
+# recompute was ~15 % of an fp32 demo step). Bit for bit the same gradients: the recompute is the same
+# GEMM on the same chunk. A realistic GPU micro-batch is far above it and recomputes, as before.
+KEEP_ELEMENTS = 1 << 24
 
 
 def chunk_rows(device: torch.device, vocab: int) -> int:
@@ -48,10 +54,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         N = x.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=x.device)
         lse = torch.empty(N, dtype=torch.float32, device=x.device)
+        keep = N * weight.shape[0] <= KEEP_ELEMENTS
+        ctx.kept = []  # each chunk's logits when small (KEEP_ELEMENTS), for backward to use once
         for i in range(0, N, rows):
             logits = (x[i : i + rows] @ weight.T).float()  # (C, V): the only vocabulary-sized tensor
             ce[i : i + rows] = F.cross_entropy(logits, y[i : i + rows], reduction="none")  # as unchunked
             lse[i : i + rows] = logits.logsumexp(dim=-1)
+            if keep:
+                ctx.kept.append(logits)
         ctx.save_for_backward(x, weight, y, lse)
         ctx.rows = rows
         return ce
@@ -63,9 +73,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x) if want_x else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for i in range(0, x.shape[0], rows):
+        kept, ctx.kept = ctx.kept, []  # used up in place: a second backward (retain_graph) recomputes
+        for c, i in enumerate(range(0, x.shape[0], rows)):
             xc = x[i : i + rows]
-            p = (xc @ weight.T).float().sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
+            logits = kept[c] if kept else (xc @ weight.T).float()
+            if kept:
+                kept[c] = None  # freed as the loop goes on
+            p = logits.sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
             p[torch.arange(xc.shape[0], device=p.device), y[i : i + rows]] -= 1.0
             p.mul_(grad[i : i + rows, None])  # dCE/dlogits for each row, scaled by the incoming gradient
             p_low = p.to(weight.dtype) if weight.dtype != torch.float32 else None
