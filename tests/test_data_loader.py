@@ -284,7 +284,6 @@ def test_normalize_refuses_float_images():
         normalize_images(once, 32)
 
 
-
 def test_dialogue_samples_keep_the_first_turn_and_add_other_pairs_of_the_image(demo):
     """data.qa_turns=3: a question sample becomes a dialogue. Its first turn is the qa_turns=1 sample's
     sequence, token for token (the same question is drawn), each later turn is another question of the

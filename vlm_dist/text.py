@@ -104,10 +104,11 @@ def add_turns(tok: Tokenizer, first: Example, turns: list[tuple[str, str]], max_
     """A dialogue: the Q&A example `first` (build_example) followed by more (question, answer) turns about
     the same image; returns (example, turns added).
 
-    `first` is kept token for token, so what follows it cannot change what the model learns to answer to
-    the one-question prompt of generation and evaluation (attention is causal). Each turn is appended
-    whole, its prompt without <sot> and its answer closed by <eot>, if it fits in `max_len`; one that does
-    not fit is skipped, never cut. The loss covers every answer and its end token, and no prompt.
+    `first` is kept token for token, and attention is causal: its answer is still predicted from exactly the
+    one-question prompt that generation and evaluation use; the later turns add answers to train on. Each
+    turn is appended whole, its prompt without <sot> and its answer closed by <eot>, if it fits in
+    `max_len`; one that does not fit is skipped, never cut. The loss covers every answer and its end
+    token, and no prompt.
     """
     if first.truncated:  # its answer lost the end token: nothing may follow it
         return first, 0

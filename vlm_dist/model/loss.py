@@ -28,9 +28,10 @@ from torch import nn
 CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
 # Logits of at most this many elements in all (2^24 fp32 = 64 MiB) are kept from forward for backward
-# instead of recomputed: a CPU demo step (~150 rows) then makes 3 vocabulary-sized GEMMs, not 4 (the
-# recompute was ~15 % of an fp32 demo step). Bit for bit the same gradients: the recompute is the same
-# GEMM on the same chunk. A realistic GPU micro-batch is far above it and recomputes, as before.
+# instead of recomputed: a CPU demo step (~150 rows) then makes 3 vocabulary-sized GEMMs, not 4 (14 % of an
+# fp32 forward + backward on one process, 1-6 % of the 2-rank demo step: docs/bench/issue10_round6.md).
+# Bit for bit the same gradients: the recompute is the same GEMM on the same chunk. A realistic GPU
+# micro-batch is far above it and recomputes, as before.
 KEEP_ELEMENTS = 1 << 24
 
 
