@@ -77,9 +77,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         kept, ctx.kept = ctx.kept, []  # used up in place: a second backward (retain_graph) recomputes
         for c, i in enumerate(range(0, x.shape[0], rows)):
             xc = x[i : i + rows]
-            logits = kept[c] if kept else (xc @ weight.T).float()
             if kept:
-                kept[c] = None  # freed as the loop goes on
+                logits, kept[c] = kept[c], None  # freed as the loop goes on
+            else:
+                logits = (xc @ weight.T).float()
             p = logits.sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
             p[torch.arange(xc.shape[0], device=p.device), y[i : i + rows]] -= 1.0
             p.mul_(grad[i : i + rows, None])  # dCE/dlogits for each row, scaled by the incoming gradient
