@@ -32,7 +32,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for part in ("train", "profile", "compile", "bucket", "loader", "decode"):
+    for part in ("train", "profile", "compile", "bucket", "optimizer", "loader", "decode"):
         assert part in res and "error" not in res[part], (part, res.get(part))
 
     rows = res["train"]["rows"]  # the sweep: every micro-batch with checkpointing on AND off
@@ -50,11 +50,13 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert any("mm" in r["name"] or "linear" in r["name"] for r in prof["rows"])
     assert prof["host"]["micro"] == 2 and prof["host"]["rows"] and prof["host"]["wall_ms_per_step"] > 0
 
-    comp = res["compile"]
-    assert comp["eager"]["status"] == "ok" and comp["compiled"]["status"] == "ok"
-    assert comp["compiled"]["compiled"] == "aot_eager" and comp["compiled"]["compile_s"] > 0
-    assert comp["eager"]["micro"] == comp["compiled"]["micro"]
-    assert comp["eager"]["ckpt"] is comp["compiled"]["ckpt"] is True  # --cpu-smoke compiles the checkpointed model
+    comp = res["compile"]  # model.compile off, then all, on the checkpointed model, at the best micro-batch
+    assert [(r["compiled"], r["ckpt"], r["status"]) for r in comp["rows"]] == [("off", True, "ok"), ("all", True, "ok")]
+    assert all(r["micro"] == comp["micro"] for r in comp["rows"])
+    # the compiled row's first step compiled (inductor: seconds), the eager one's did not
+    assert comp["rows"][1]["first_step_s"] > 1.0 > comp["rows"][0]["first_step_s"]
+    prof = comp["profile"]  # a profile of the fastest row if it compiled; never of eager
+    assert prof is None or (prof["compiled"] == "all" and prof["rows"])
 
     buckets = res["bucket"]["rows"]  # the ds_config's fixed bucket, then the model's trainable size
     assert [r["reduce_bucket_size"] for r in buckets] == [50_000_000, res["bucket"]["trainable"]]
@@ -63,6 +65,9 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     check = res["bucket"]["overflow_check"]  # DeepSpeed's bf16 overflow scan on and off, measured side by side
     assert [r["variant"] for r in check] == ["check_grad_overflow on (default)", "check_grad_overflow off"]
     assert all(r["status"] == "ok" and r["micro"] == 2 for r in check)
+    opt = res["optimizer"]["rows"]  # torch AdamW foreach vs fused, at the best micro-batch
+    assert [r["variant"] for r in opt] == ["torch AdamW, foreach (default)", "torch AdamW, fused=True"]
+    assert all(r["status"] == "ok" and r["micro"] == buckets[0]["micro"] for r in opt)
 
     loader = res["loader"]  # the photos as they are, then shard-coco --resize to the tower's input
     assert [(r["shards"].startswith("shard-coco --resize"), r["workers"]) for r in loader["rows"]] == [
@@ -83,7 +88,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
         assert r["greedy_tokens"] == r["speculative_tokens"] > 0
 
     table = md.read_text()
-    for heading in ("### Training step", "### Where a step goes", "### torch.compile", "### ZeRO-2 reduce bucket", "### Loader", "### Decoding"):
+    for heading in ("### Training step", "### Where a step goes", "### model.compile", "### ZeRO-2 reduce bucket", "### The optimizer", "### Loader", "### Decoding"):
         assert heading in table
 
 

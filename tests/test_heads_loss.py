@@ -118,15 +118,16 @@ def test_cuda_bf16_head_loss_gradients_are_as_accurate_as_autograds():
         return x.grad, w.grad
 
     ref = grads(xb.double(), wb.double(), lambda x, w: F.cross_entropy(x @ w.T, y, reduction="none"))
-    ours = grads(xb, wb, lambda x, w: LinearCrossEntropy.apply(x, w, y, rows))
     plain = grads(xb, wb, lambda x, w: F.cross_entropy((x @ w.T).float(), y, reduction="none"))
 
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    for name, o, p, r in zip(("dx", "dW"), ours, plain, ref):
-        assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
-        assert rel(o, r) <= max(1.5 * rel(p, r), 1e-3) and rel(o, r) < 1e-2, (name, rel(o, r), rel(p, r))
+    for fused in (False, True):  # eager chunk kernels, and model.compile's compiled ones
+        ours = grads(xb, wb, lambda x, w: LinearCrossEntropy.apply(x, w, y, rows, fused))
+        for name, o, p, r in zip(("dx", "dW"), ours, plain, ref):
+            assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+            assert rel(o, r) <= max(1.5 * rel(p, r), 1e-3) and rel(o, r) < 1e-2, (fused, name, rel(o, r), rel(p, r))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,3 +160,29 @@ def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(monkeypatch, dtyp
     for a, b, c in zip(recomputed, kept, again):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert recomputed[2].abs().max() > 0
+
+
+def test_compiled_chunk_kernels_give_the_eager_loss_and_gradients(monkeypatch):
+    """model.compile's head loss: the chunk kernels compiled (inductor's CPU backend here, triton on CUDA) give
+    the eager loss and gradients in fp32 to float reassociation (1e-6 relative), over ragged chunks whose
+    row counts differ (dynamic rows: one compiled graph), kept logits and recomputed ones alike."""
+    from vlm_dist.model.loss import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(23, 32, generator=g)
+    w0 = torch.randn(3001, 32, generator=g) * 0.3
+    y = torch.randint(0, 3001, (23,), generator=g)
+    scale = torch.rand(23, generator=g)
+
+    def run(fused: bool, keep: int):
+        monkeypatch.setattr(loss_module, "KEEP_ELEMENTS", keep)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        ce = LinearCrossEntropy.apply(x, w, y, 9, fused)  # chunks of 9, 9 and 5 rows
+        (ce * scale).sum().backward()
+        return ce.detach(), x.grad, w.grad
+
+    eager = run(False, 0)
+    for keep in (0, 1 << 30):
+        for a, b in zip(eager, run(True, keep)):
+            assert (a - b).abs().max() <= 1e-6 * a.abs().max(), (keep, (a - b).abs().max())
+    assert eager[2].abs().max() > 1e-3

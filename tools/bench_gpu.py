@@ -18,15 +18,17 @@ What it measures (no download: random weights, model.vision.pretrained=null, the
    from vlm_dist.observe.flops.train_flops (the same count the trainer logs; recompute not counted).
 2. Where a step's time goes: torch.profiler over 3 steps at the best micro-batch, the kernels with the
    most device time (part "profile"); the ZeRO reduce bucket: ds_configs' fixed 5e7 elements vs the
-   model's trainable size (part "bucket"); torch.compile: DeepSpeed's engine.compile() (inductor) at
-   the best micro-batch vs eager (part "compile", run last: the slowest to warm up). The card's own
+   model's trainable size (part "bucket"); torch's AdamW foreach vs fused (part "optimizer"); torch.compile: model.compile's
+   regions (the head loss's chunk kernels, the decoder blocks, the vision tower, all: inductor) at the best
+   micro-batch vs eager, checkpointing on and off,
+   and a profile of the fastest (part "compile", run last: the slowest to warm up). The card's own
    bf16 matmul rate (8192^3) is measured first and printed beside the datasheet peak.
    With --json, the raw numbers are rewritten after every part, so a run cut short keeps what finished.
 3. Loader: vlm_dist.data's streaming loader images/s with 4, 8 and 16 workers on shards of
    COCO-sized (640x480, photo-like) JPEGs this script makes, against the GPU's samples/s.
 4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8.
 Method details: tools/benchlib/*.py docstrings. --cpu-smoke runs the same code on the tiny preset
-(bf16 ZeRO-2 on DeepSpeed's CPU accelerator, compile backend aot_eager) and never touches docs/.
+(bf16 ZeRO-2 on DeepSpeed's CPU accelerator, inductor's CPU backend) and never touches docs/.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_model, benchlib
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on the hub
 
-PARTS = ("train", "profile", "bucket", "decode", "loader", "compile")  # compile last: the slowest to warm up
-SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 1, "compile_backend": "aot_eager", "compile_ckpt": "on",
+PARTS = ("train", "profile", "bucket", "optimizer", "decode", "loader", "compile")  # compile last by default: the slowest to warm up
+SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 1, "compile_variants": "off,all", "compile_ckpt": "on",
          "loader_workers": "0,2", "photos": 24, "loader_micro": 4, "decode_batches": "1,8", "new_tokens": 6,
          "decode_repeats": 1}
-FULL = {"preset": "base", "micros": "8,16,32,64,128,256,512,1024", "warmup": 3, "steps": 10, "compile_backend": "inductor",
-        "compile_ckpt": "best",
+FULL = {"preset": "base", "micros": "8,16,32,64,128,256,512,1024", "warmup": 3, "steps": 10,
+        "compile_variants": "off,loss,blocks,tower,all", "compile_ckpt": "both",
         "loader_workers": "4,8,16", "photos": 4096, "loader_micro": 32, "decode_batches": "1,8", "new_tokens": 32,
         "decode_repeats": 3}
 
@@ -61,13 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="What and how: see the module docstring of tools/bench_gpu.py.")
     p.add_argument("--cpu-smoke", action="store_true", help="Run every part on the CPU at tiny shapes (< 1 min); no docs/ append.")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"Any of {','.join(PARTS)}. Default: %(default)s")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"Any of {','.join(PARTS)}, run in the order given. Default: %(default)s")
     p.add_argument("--ds", default=str(REPO / "ds_configs" / "zero2.json"), help="DeepSpeed JSON (ZeRO-2, bf16). Default: ds_configs/zero2.json")
     p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE", help="Override a DeepSpeed field (repeatable).")
     for key, help_ in [("preset", "Run-config preset"), ("micros", "Micro-batch sweep (ascending, stops at OOM)"),
                        ("warmup", "Untimed steps before each measurement"), ("steps", "Timed steps per measurement"),
-                       ("compile_backend", "torch.compile backend"),
-                       ("compile_ckpt", "Checkpointing in the compile part: best (as the best sweep row), on or off"),
+                       ("compile_variants", "model.compile regions measured side by side: off, loss, blocks, tower, all"),
+                       ("compile_ckpt", "Checkpointing in the compile part: best (as the best sweep row), on, off or both"),
                        ("loader_workers", "Loader worker counts"),
                        ("photos", "640x480 photos made for the loader part"), ("loader_micro", "Loader micro-batch"),
                        ("decode_batches", "Decoding batch sizes"), ("new_tokens", "Tokens decoded per row"),
@@ -89,8 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    if args.compile_ckpt not in ("best", "on", "off"):
-        p.error(f"--compile-ckpt: best, on or off, not {args.compile_ckpt!r}")
+    if args.compile_ckpt not in ("best", "on", "off", "both"):
+        p.error(f"--compile-ckpt: best, on, off or both, not {args.compile_ckpt!r}")
+    args.compile_variants = [v.strip() for v in args.compile_variants.split(",") if v.strip()]
+    if not args.compile_variants or set(args.compile_variants) - {"off", "loss", "blocks", "tower", "all"}:
+        p.error(f"--compile-variants: any of off, loss, blocks, tower, all, not {args.compile_variants!r}")
     if args.append is None and not args.cpu_smoke:
         args.append = REPO / "docs" / "BENCHMARKS.md"
     return args
@@ -143,7 +148,7 @@ def best_row(rows: list[dict]) -> dict | None:
 
 def part_profile(bench, args, results) -> dict:
     best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
-    out = bench.profile(best["micro"], best["ckpt"])
+    out = bench.profile(best["micro"], best["ckpt"], top=25)
     out["host"] = bench.profile(ints(args.micros)[0], True, host=True)  # the smallest: where the host sets the pace
     return out
 
@@ -171,12 +176,17 @@ def matmul_ceiling(device) -> dict:
 
 
 def part_compile(bench, args, results) -> dict:
-    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[0], "ckpt": True}
-    ckpt = best["ckpt"] if args.compile_ckpt == "best" else args.compile_ckpt == "on"
-    eager = bench.measure(best["micro"], ckpt)  # eager again, right before: side by side
-    bench.drop_engine()
-    compiled = bench.measure_compiled(best["micro"], ckpt, args.compile_backend)
-    return {"eager": eager, "compiled": compiled}
+    """model.compile's regions (regional torch.compile: the head loss's chunk kernels, the decoder blocks,
+    both) against eager, on one engine, at the best micro-batch, each checkpointing setting asked; then
+    a profile of the fastest, so the next bottleneck is in the record."""
+    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[-1], "ckpt": True}
+    ckpts = {"best": [best["ckpt"]], "on": [True], "off": [False], "both": [True, False]}[args.compile_ckpt]
+    rows = [bench.measure(best["micro"], ckpt, compiled=what) for ckpt in ckpts for what in args.compile_variants]
+    fastest = best_row(rows)
+    out = {"micro": best["micro"], "rows": rows, "profile": None}
+    if fastest is not None and fastest.get("compiled") not in (None, "off"):
+        out["profile"] = bench.profile(fastest["micro"], fastest["ckpt"], top=25, compiled=fastest["compiled"])
+    return out
 
 
 def part_bucket(bench, args, results) -> dict:
@@ -195,6 +205,19 @@ def part_bucket(bench, args, results) -> dict:
             ("check_grad_overflow on (default)", {}),
             ("check_grad_overflow off", {"bf16": {**bench.ds["bf16"], "check_grad_overflow": False}})])
     return out
+
+
+def part_optimizer(bench, args, results) -> dict:
+    """torch's AdamW on ZeRO's flat fp32 partitions (DeepSpeed `torch_adam`): the default (foreach: ~15
+    kernels over every element) against fused=True (one kernel), at the best micro-batch, a fresh engine
+    each; the update is the same AdamW."""
+    best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[-1], "ckpt": True}
+    opt = bench.ds.get("optimizer", {})
+    if not opt.get("params", {}).get("torch_adam"):
+        return {"rows": [], "skipped": "the DeepSpeed config's optimizer is not torch's AdamW (torch_adam)"}
+    fused = {"optimizer": {**opt, "params": {**opt["params"], "fused": True}}}
+    return {"rows": bench.measure_ds_variants(best["micro"], best["ckpt"], [
+        ("torch AdamW, foreach (default)", {}), ("torch AdamW, fused=True", fused)])}
 
 
 def part_loader(cfg, args) -> dict:
@@ -289,12 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
             args.json.write_text(json.dumps(res, indent=2, default=str))
 
     steps = {"train": lambda: part_train(bench, args), "profile": lambda: part_profile(bench, args, results),
-             "bucket": lambda: part_bucket(bench, args, results),
+             "bucket": lambda: part_bucket(bench, args, results), "optimizer": lambda: part_optimizer(bench, args, results),
              "decode": lambda: part_decode(cfg, args, device), "loader": lambda: part_loader(cfg, args),
              "compile": lambda: part_compile(bench, args, results)}
-    for name in PARTS:
-        if name not in args.parts:
-            continue
+    for name in args.parts:  # in the order given
         if name in ("decode", "loader"):  # neither needs the training engine: free its memory first
             bench.drop_engine()
             free_memory(device)

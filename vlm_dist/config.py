@@ -151,6 +151,12 @@ class ModelConfig(Section):
     activation_checkpointing: bool = Field(
         True, description="Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint)."
     )
+    compile: bool = Field(
+        False, description="Regional torch.compile (inductor): the vision tower, the decoder blocks' whole-sequence "
+        "forward (one graph serves every block) and the head loss's per-chunk softmax kernels; fewer, fused kernels "
+        "where the GPU, not the host, sets the pace (docs/BENCHMARKS.md). The first steps compile (seconds to a "
+        "minute); the decoder's cached decoding stays eager. Numerics differ from eager by float reassociation only.",
+    )
     attention: Literal["sdpa", "explicit"] = Field(
         "sdpa",
         description="'sdpa' = fused torch scaled_dot_product_attention; 'explicit' = softmax(QK^T/sqrt(d))V "

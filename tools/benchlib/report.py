@@ -32,6 +32,21 @@ def _train_rows(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _profile(p: dict) -> list[str]:
+    wall = (f"; wall {p['wall_ms_per_step']:.1f} ms per step under the profiler" if p.get("wall_ms_per_step") else ""
+            ) + (f", device busy {p['device_busy_ms_per_step']:.1f} ms" if p.get("device_busy_ms_per_step") else "")
+    lines = [f"### Where a step goes: torch.profiler, micro {p['micro']}, checkpointing {'on' if p['ckpt'] else 'off'}"
+             + (f", compiled: {p['compiled']}" if p.get("compiled") else "")
+             + f", {p['steps']} steps ({p['kind']}: {p['busy_ms_per_step']:.1f} ms per step{wall})", ""]
+    if p.get("groups"):
+        lines += ["By kind (every op or kernel, grouped by name: tools/benchlib/train_bench.py KERNEL_GROUPS): "
+                  + "; ".join(f"{g} {ms:.1f} ms" for g, ms in p["groups"].items()), ""]
+    lines += ["| op / kernel | ms per step | share | calls per step |", "|---|---|---|---|"]
+    lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f} % | {r['calls_per_step']:.0f} |"
+              for r in p["rows"]]
+    return lines + [""]
+
+
 def render(results: dict) -> str:
     env = results["env"]
     lines = [f"## One-GPU benchmark: {env['device']}, {env['date']}", "",
@@ -60,28 +75,33 @@ def render(results: dict) -> str:
         lines += [f"Profile part failed: {prof['error']}", ""]
     elif prof:
         for p in (prof, prof.get("host")):
-            if not p:
-                continue
-            wall = (f"; wall {p['wall_ms_per_step']:.1f} ms per step under the profiler" if p.get("wall_ms_per_step") else ""
-                    ) + (f", device busy {p['device_busy_ms_per_step']:.1f} ms" if p.get("device_busy_ms_per_step") else "")
-            lines += [f"### Where a step goes: torch.profiler, micro {p['micro']}, checkpointing "
-                      f"{'on' if p['ckpt'] else 'off'}, {p['steps']} steps ({p['kind']}: "
-                      f"{p['busy_ms_per_step']:.1f} ms per step{wall})", "",
-                      "| op / kernel | ms per step | share | calls per step |", "|---|---|---|---|"]
-            lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {100 * r['share']:.1f} % | {r['calls_per_step']:.0f} |"
-                      for r in p["rows"]]
-            lines.append("")
+            if p:
+                lines += _profile(p)
     comp = results.get("compile", {})
     if "error" in comp:
         lines += [f"Compile part failed: {comp['error']}", ""]
     elif comp:
-        e, c = comp["eager"], comp["compiled"]
-        lines += ["### torch.compile (DeepSpeed engine.compile) at the best micro-batch", ""]
-        lines += _train_rows([e, c])
-        if e.get("status") == "ok" and c.get("status") == "ok":
-            lines += ["", f"Compiled / eager step time: {c['step_s'] / e['step_s']:.3f} (first compiled step, "
-                      f"compilation included: {c['compile_s']:.1f} s)."]
+        lines += [f"### model.compile (regional torch.compile, inductor) at micro-batch {comp['micro']}, one engine", "",
+                  "Variants: off = eager; loss = the head loss's chunk kernels compiled; blocks = every decoder "
+                  "block's forward compiled; tower = the vision tower as one compiled graph; all = the three "
+                  "(model.compile=true). First step: the first warm-up step, "
+                  "compilation included (graphs compiled by an earlier row are reused).", "",
+                  "| ckpt | compiled | step ms: median (min..max) | / off | back-to-back ms/step | samples/s | TFLOP/s "
+                  "| MFU | peak GiB | transient GiB | first step s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        base = {r["ckpt"]: r for r in comp["rows"] if r.get("status") == "ok" and r.get("compiled") == "off"}
+        for r in comp["rows"]:
+            head = f"| {'on' if r['ckpt'] else 'off'} | {r.get('compiled') or 'off'}"
+            if r.get("status") != "ok":
+                lines.append(f"{head} | {r.get('status')} |  |  |  |  |  |  |  |  |")
+                continue
+            ref = base.get(r["ckpt"])
+            lines.append(f"{head} | {1e3 * r['step_s']:.1f} ({1e3 * r['min_s']:.1f}..{1e3 * r['max_s']:.1f}) "
+                         f"| {_f(ref and r['step_s'] / ref['step_s'], '.3f')} | {1e3 * r['back_to_back_s']:.1f} "
+                         f"| {r['samples_s']:.1f} | {r['tflops']:.2f} | {_mfu(r)} | {r['peak_gib']:.2f} "
+                         f"| {r['transient_gib']:.2f} | {r['first_step_s']:.1f} |")
         lines.append("")
+        if comp.get("profile"):
+            lines += _profile(comp["profile"])
     buck = results.get("bucket", {})
     if "error" in buck:
         lines += [f"Bucket part failed: {buck['error']}", ""]
@@ -104,6 +124,20 @@ def render(results: dict) -> str:
                 lines.append(f"| {r['variant']} | {r['micro']} | " + (f"{1e3 * r['step_s']:.1f} | {1e3 * r['back_to_back_s']:.1f} |"
                              if r.get("status") == "ok" else f"{r.get('status')} |  |"))
             lines.append("")
+    opt = results.get("optimizer", {})
+    if "error" in opt:
+        lines += [f"Optimizer part failed: {opt['error']}", ""]
+    elif opt.get("skipped"):
+        lines += [f"Optimizer part skipped: {opt['skipped']}", ""]
+    elif opt:
+        lines += ["### The optimizer: torch.optim.AdamW on ZeRO's flat fp32 partitions (DeepSpeed `torch_adam`), a "
+                  "fresh engine each", "", "| variant | micro | ckpt | step ms: median (min..max) | back-to-back ms/step | MFU |",
+                  "|---|---|---|---|---|---|"]
+        for r in opt["rows"]:
+            lines.append(f"| {r['variant']} | {r['micro']} | {'on' if r['ckpt'] else 'off'} | "
+                         + (f"{1e3 * r['step_s']:.1f} ({1e3 * r['min_s']:.1f}..{1e3 * r['max_s']:.1f}) | "
+                            f"{1e3 * r['back_to_back_s']:.1f} | {_mfu(r)} |" if r.get("status") == "ok" else f"{r.get('status')} |  |  |"))
+        lines.append("")
     loader = results.get("loader", {})
     if "error" in loader:
         lines += [f"Loader part failed: {loader['error']}", ""]

@@ -3,7 +3,7 @@
     bench = TrainBench(cfg, ds, device)          # cfg: RunConfig; ds: a DeepSpeed dict (load_ds_config)
     row = bench.measure(micro=64, ckpt=True)      # {"step_s", "samples_s", "tflops", "mfu", "peak_gib", ...}
     rows = bench.sweep([8, 16, 32, 64], ckpt_both=True)   # ascending; stops at the first OOM with checkpointing on
-    row = bench.measure_compiled(micro=64, ckpt=True, backend="inductor")
+    row = bench.measure(micro=64, ckpt=True, compiled="all")   # model.compile's regions: off, loss, blocks or all
 
 The step is the trainer's own: `vlm_dist.train.engine.build_engine(VLM(cfg.model), ds)`, then
 engine(images, ids, targets) -> engine.backward(loss) -> engine.step(), as vlm_dist/train/loop.py's
@@ -78,6 +78,24 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+KERNEL_GROUPS = [  # (group, substrings of a kernel's name), first match wins; names as torch.profiler reports them
+    ("attention (SDPA)", ("sdpa", "flash", "fmha", "attention")),
+    ("inductor (fused, triton)", ("triton_",)),
+    ("GEMM (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_")),
+    ("softmax / loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("norm", ("layer_norm", "layernorm")),
+    ("reduction", ("reduce_kernel",)),
+    ("copy / cat / layout", ("copy", "cat", "transpose", "memcpy", "memset")),
+    ("elementwise", ("elementwise",)),
+]
+
+
+def kernel_group(name: str) -> str:
+    """What a profiled kernel (or op) is, coarsely, for a per-group sum of a step's device time."""
+    low = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
 class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the aten ops that reach the dispatcher (SDPA is already resolved to its backend there)."""
 
@@ -112,6 +130,22 @@ def sdpa_backends(module, images, ids) -> list[str]:
 
 
 # --- the measurements ----------------------------------------------------------------------------
+
+COMPILE_VARIANTS = ("off", "loss", "blocks", "tower", "all")
+
+
+def set_compiled(module, what: str) -> None:
+    """model.compile's regions on a live VLM, one part at a time: 'off', 'loss' (the head loss's compiled chunk
+    kernels), 'blocks' (every decoder block's compiled forward), 'tower' (the vision tower as one graph) or
+    'all' (= model.compile=true). The flags are read at every forward; compiled graphs stay cached, so
+    switching back costs nothing."""
+    if what not in COMPILE_VARIANTS:
+        raise ValueError(f"compiled: one of {', '.join(COMPILE_VARIANTS)}, not {what!r}")
+    for block in [*module.blocks, *module.extra_heads.blocks]:
+        block.compiled = what in ("blocks", "all")
+    module.lm_head.fused = what in ("loss", "all")
+    module.vision.compiled = what in ("tower", "all")
+
 
 class TrainBench:
     """One engine at a time; activation checkpointing is switched on the live model (the flag is
@@ -154,12 +188,17 @@ class TrainBench:
             self.batches[micro] = ((images.to(dev, self.dtype), ids.to(dev), targets.to(dev)), counts)
         return self.batches[micro]
 
-    def _timed_steps(self, engine, data) -> tuple[list[float], float, float, float]:
+    def _timed_steps(self, engine, data) -> tuple[list[float], float, float, float, float]:
         """(per-step seconds, each step synchronised; memory before; peak memory; mean seconds of as many
-        steps run back to back with one synchronisation at the end). The trainer reads losses on the
-        host every step (a sync); back-to-back shows what the GPU does when the host never waits."""
-        for _ in range(self.warmup):
+        steps run back to back with one synchronisation at the end; seconds of the first warm-up step,
+        compilation included). The trainer reads losses on the host every step (a sync); back-to-back
+        shows what the GPU does when the host never waits."""
+        first = time.perf_counter()
+        for i in range(self.warmup):
             engine_step(engine, *data)
+            if i == 0:
+                sync(self.device)
+                first = time.perf_counter() - first
         sync(self.device)
         gc.collect()
         before = self.probe.current()
@@ -175,10 +214,10 @@ class TrainBench:
         for _ in range(self.steps):
             engine_step(engine, *data)
         sync(self.device)
-        return times, before, peak, (time.perf_counter() - t) / self.steps
+        return times, before, peak, (time.perf_counter() - t) / self.steps, first
 
     def _row(self, micro: int, ckpt: bool, compiled: str | None, timing, counts, extra=None) -> dict:
-        times, before, peak, back_to_back = timing
+        times, before, peak, back_to_back, first = timing
         step = statistics.median(times)
         flops = train_flops(self.cfg.model, self.engine.module.vocab_size, micro, counts["text_len"], counts["n_targets"])
         row = {"micro": micro, "ckpt": ckpt, "compiled": compiled, "status": "ok", "step_s": step,
@@ -186,7 +225,7 @@ class TrainBench:
                "text_tokens_s": counts["text_tokens"] / step, "seq_tokens_s": micro * counts["seq"] / step,
                "step_flops": flops, "tflops": flops / step / 1e12, "mfu": flops / step / self.peak if self.peak else None,
                "peak_gib": peak / GIB, "transient_gib": (peak - before) / GIB, "resident_gib": before / GIB,
-               "memory_method": self.probe.method, **(extra or {})}
+               "memory_method": self.probe.method, "first_step_s": first, **(extra or {})}
         self.log(f"  micro {micro:4d} ckpt {'on ' if ckpt else 'off'} {compiled or 'eager'}: {1e3 * step:8.1f} ms/step, "
                  f"{row['samples_s']:8.1f} samples/s, {row['tflops']:.2f} TFLOP/s"
                  + (f", MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "")
@@ -206,16 +245,21 @@ class TrainBench:
         self.log(traceback.format_exc(limit=4))
         return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
-    def measure(self, micro: int, ckpt: bool, extra: dict | None = None) -> dict:
-        """Median step over `steps` timed steps after `warmup`, eager, checkpointing as given."""
+    def measure(self, micro: int, ckpt: bool, extra: dict | None = None, compiled: str | None = None) -> dict:
+        """Median step over `steps` timed steps after `warmup`, checkpointing as given; eager, or with
+        model.compile's regions (set_compiled: loss, blocks or all) switched on for this measurement."""
         try:
             engine = self.get_engine()
             engine.module.cfg.activation_checkpointing = ckpt
+            set_compiled(engine.module, compiled or "off")
             data, counts = self.batch(micro)
-            return self._row(micro, ckpt, None, self._timed_steps(engine, data), counts, extra)
+            return self._row(micro, ckpt, compiled, self._timed_steps(engine, data), counts, extra)
         except Exception as err:  # noqa: BLE001 -- OOM (or any failure) becomes a row; the run goes on
             status = self._status(err)
-        return self._failed(micro, ckpt, None, status)
+        finally:
+            if self.engine is not None:
+                set_compiled(self.engine.module, "off")
+        return self._failed(micro, ckpt, compiled, status)
 
     def sweep(self, micros: list[int], ckpt_both: bool = True) -> list[dict]:
         """Ascending micro-batches, checkpointing on (and off, beside it, while that still fits); stops at
@@ -238,29 +282,8 @@ class TrainBench:
         data, _ = self.batch(micro)
         return sdpa_backends(self.get_engine().module, data[0], data[1])
 
-    def measure_compiled(self, micro: int, ckpt: bool, backend: str) -> dict:
-        """A fresh engine, engine.compile(backend=...) (DeepSpeed's torch.compile of the module), then the
-        same timing; the first (compiling) step's time is reported as compile_s."""
-        self.drop_engine()
-        try:
-            engine = self.get_engine()
-            engine.module.cfg.activation_checkpointing = ckpt
-            data, counts = self.batch(micro)
-            t = time.perf_counter()
-            engine.compile(backend=backend)
-            engine_step(engine, *data)
-            sync(self.device)
-            compile_s = time.perf_counter() - t
-            row = self._row(micro, ckpt, backend, self._timed_steps(engine, data), counts, {"compile_s": compile_s})
-        except Exception as err:  # noqa: BLE001
-            row = {"status": self._status(err)}
-        if row["status"] != "ok":
-            row = self._failed(micro, ckpt, backend, row["status"])
-        self.drop_engine()  # a compiled module cannot be un-compiled: later parts get a fresh one
-        torch._dynamo.reset()
-        return row
-
-    def profile(self, micro: int, ckpt: bool, steps: int = 3, top: int = 15, host: bool = False) -> dict:
+    def profile(self, micro: int, ckpt: bool, steps: int = 3, top: int = 15, host: bool = False,
+                compiled: str | None = None) -> dict:
         """torch.profiler over `steps` eager steps (after one untimed): the ops with the most self time,
         so a reader sees where a step's time goes. Device kernels by default (on the CPU: CPU ops);
         host=True ranks the host's ops by self CPU time instead and adds the wall and device-busy time
@@ -269,6 +292,7 @@ class TrainBench:
 
         engine = self.get_engine()
         engine.module.cfg.activation_checkpointing = ckpt
+        set_compiled(engine.module, compiled or "off")
         data, _ = self.batch(micro)
         engine_step(engine, *data)
         sync(self.device)
@@ -283,6 +307,7 @@ class TrainBench:
                 engine_step(engine, *data)
             sync(self.device)
         wall_ms = (time.perf_counter() - t) * 1e3 / steps
+        set_compiled(engine.module, "off")
         averages = prof.key_averages()
         dev_key = "self_device_time_total"
         device_busy = sum(getattr(e, dev_key, 0) for e in averages) / 1e3 / steps if cuda else None
@@ -291,12 +316,17 @@ class TrainBench:
         total = sum(getattr(e, key) for e in events)  # microseconds, over `steps` steps
         rows = [{"name": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
                  "calls_per_step": e.count / steps} for e in events[:top]]
+        groups: dict[str, float] = {}
+        for e in events if cuda and not host else []:  # device kernels only: host ops' names say little
+            group = kernel_group(e.key)
+            groups[group] = groups.get(group, 0.0) + getattr(e, key) / 1e3 / steps
         kind = "host ops (self CPU time)" if host or not cuda else "device kernels (self time)"
         self.log(f"  profile micro {micro} ckpt {'on' if ckpt else 'off'}: {kind}, {total / 1e3 / steps:.1f} ms per "
                  f"step (wall {wall_ms:.1f} ms, device busy {device_busy or 0:.1f} ms); top: "
                  + "; ".join(f"{r['name'][:40]} {100 * r['share']:.0f} %" for r in rows[:4]))
-        return {"micro": micro, "ckpt": ckpt, "steps": steps, "busy_ms_per_step": total / 1e3 / steps, "kind": kind,
-                "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": device_busy, "rows": rows}
+        return {"micro": micro, "ckpt": ckpt, "compiled": compiled, "steps": steps, "busy_ms_per_step": total / 1e3 / steps,
+                "kind": kind, "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": device_busy, "rows": rows,
+                "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
 
     def measure_ds_variants(self, micro: int, ckpt: bool, variants: list[tuple[str, dict]]) -> list[dict]:
         """The same step on a fresh engine per (name, change) DeepSpeed variant (top-level sections of the

@@ -205,10 +205,16 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
         self.drop = nn.Dropout(dropout)
+        self.compiled = False  # True: whole-sequence forwards (training, validation) run compiled_residual()
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         if cache is not None and not self.training:
             return self.decode(x, cache, layer)
+        if cache is None and self.compiled:
+            return compiled_residual()(self, x)
+        return self.residual(x, cache, layer)
+
+    def residual(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -229,3 +235,18 @@ class Block(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         up, act, down = self.mlp
         return F.linear(F.gelu(F.linear(x, up.weight, up.bias), approximate=act.approximate), down.weight, down.bias)
+
+
+_COMPILED_RESIDUAL = None
+
+
+def compiled_residual():
+    """Block.residual under torch.compile (inductor), made once: one graph serves every block of a width
+    (dynamo guards on the block's type and shapes, not on which block; blocks that hide the image compile
+    their own), fusing each block's norms, bias adds, GELU and residual adds, and the layout copies
+    around attention. Sequence lengths are dynamic after a second length is seen. Cached decoding never
+    comes here (its lengths change every call)."""
+    global _COMPILED_RESIDUAL
+    if _COMPILED_RESIDUAL is None:
+        _COMPILED_RESIDUAL = torch.compile(Block.residual)
+    return _COMPILED_RESIDUAL

@@ -46,25 +46,72 @@ def accumulate_dw(dw: torch.Tensor, p: torch.Tensor, p_low: torch.Tensor | None,
     GEMM was a quarter of an H100 base step. CPU: no out_dtype kernel there, so fp32 as before."""
     if p_low is not None and xc.is_cuda:
         return torch.addmm(dw, p_low.T, xc, out_dtype=torch.float32)
-    return dw.addmm_(p.T, xc.float())
+    return dw.addmm_(p.T.float(), xc.float())  # p fp32 (no copy), or the fused path's low-precision p
+
+
+def chunk_forward(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's matmul output (C, V) -> (cross-entropy, logsumexp) per row, fp32: the eager path's ops."""
+    logits = logits.float()
+    return F.cross_entropy(logits, y, reduction="none"), logits.logsumexp(dim=-1)
+
+
+def chunk_backward(logits: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, grad: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(softmax - onehot) * grad per row, in `dtype`: the eager path's in-place steps, written as one expression."""
+    onehot = torch.arange(logits.shape[1], device=logits.device) == y[:, None]
+    return ((logits.float() - lse[:, None]).exp() - onehot.float()).mul(grad[:, None]).to(dtype)
+
+
+class _Kernels:
+    """chunk_forward and chunk_backward compiled (inductor), rows dynamic: each becomes one or two fused
+    kernels that read the (C, V) matmul output once or twice, where eager runs ~8 kernels over fp32 copies
+    of it (a quarter of an H100 base step: docs/bench/gpu_round5.md). Made on first use (model.compile)."""
+
+    def __init__(self) -> None:
+        self._forward = torch.compile(chunk_forward, dynamic=False)
+        self._backward = torch.compile(chunk_backward, dynamic=False)
+
+    def forward(self, logits, y):
+        torch._dynamo.mark_dynamic(logits, 0)
+        torch._dynamo.mark_dynamic(y, 0)
+        return self._forward(logits, y)
+
+    def backward(self, logits, lse, y, grad, dtype):
+        for t in (logits, lse, y, grad):
+            torch._dynamo.mark_dynamic(t, 0)
+        return self._backward(logits, lse, y, grad, dtype)
+
+
+_KERNELS: _Kernels | None = None
+
+
+def kernels() -> _Kernels:
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _Kernels()
+    return _KERNELS
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int, fused: bool = False) -> torch.Tensor:
         N = x.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=x.device)
         lse = torch.empty(N, dtype=torch.float32, device=x.device)
         keep = N * weight.shape[0] <= KEEP_ELEMENTS
         ctx.kept = []  # each chunk's logits when small (KEEP_ELEMENTS), for backward to use once
         for i in range(0, N, rows):
-            logits = (x[i : i + rows] @ weight.T).float()  # (C, V): the only vocabulary-sized tensor
-            ce[i : i + rows] = F.cross_entropy(logits, y[i : i + rows], reduction="none")  # as unchunked
-            lse[i : i + rows] = logits.logsumexp(dim=-1)
+            logits = x[i : i + rows] @ weight.T  # (C, V): the only vocabulary-sized tensor
+            if fused:  # one compiled kernel reads the matmul's output, writes 2 floats per row
+                ce[i : i + rows], lse[i : i + rows] = kernels().forward(logits, y[i : i + rows])
+            else:
+                logits = logits.float()
+                ce[i : i + rows] = F.cross_entropy(logits, y[i : i + rows], reduction="none")  # as unchunked
+                lse[i : i + rows] = logits.logsumexp(dim=-1)
             if keep:
                 ctx.kept.append(logits)
         ctx.save_for_backward(x, weight, y, lse)
-        ctx.rows = rows
+        ctx.rows, ctx.fused = rows, fused
         return ce
 
     @staticmethod
@@ -80,16 +127,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             if kept:
                 logits, kept[c] = kept[c], None  # freed as the loop goes on
             else:
-                logits = (xc @ weight.T).float()
-            p = logits.sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
-            p[torch.arange(xc.shape[0], device=p.device), y[i : i + rows]] -= 1.0
-            p.mul_(grad[i : i + rows, None])  # dCE/dlogits for each row, scaled by the incoming gradient
-            p_low = p.to(weight.dtype) if weight.dtype != torch.float32 else None
+                logits = xc @ weight.T
+            if ctx.fused:  # one compiled kernel: matmul output in, dCE/dlogits * grad out in the weights' dtype
+                p = kernels().backward(logits, lse[i : i + rows], y[i : i + rows], grad[i : i + rows], weight.dtype)
+                p_low = p if weight.dtype != torch.float32 else None
+            else:
+                p = logits.float().sub_(lse[i : i + rows, None]).exp_()  # softmax (C, V), in place
+                p[torch.arange(xc.shape[0], device=p.device), y[i : i + rows]] -= 1.0
+                p.mul_(grad[i : i + rows, None])  # dCE/dlogits for each row, scaled by the incoming gradient
+                p_low = p.to(weight.dtype) if weight.dtype != torch.float32 else None
             if want_x:
                 dx[i : i + rows] = (p if p_low is None else p_low) @ weight
             if want_w:
                 dw = accumulate_dw(dw, p, p_low, xc)  # (V, C) @ (C, D), accumulated
-        return dx, (dw.to(weight.dtype) if want_w else None), None, None
+        return dx, (dw.to(weight.dtype) if want_w else None), None, None, None
 
 
 class Unembedding(nn.Linear):
@@ -97,6 +148,7 @@ class Unembedding(nn.Linear):
 
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__(d_model, vocab_size, bias=False)
+        self.fused = False  # True: the compiled chunk kernels (VLM.compile_regions / model.compile)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
@@ -106,4 +158,4 @@ class Unembedding(nn.Linear):
             return torch.cat([F.cross_entropy(F.linear(x[i : i + rows], self.weight).float(), targets[i : i + rows],
                                               reduction="none") for i in range(0, x.shape[0], rows)]
                              or [x.new_zeros(0, dtype=torch.float32)])
-        return LinearCrossEntropy.apply(x, self.weight, targets, rows)
+        return LinearCrossEntropy.apply(x, self.weight, targets, rows, self.fused)

@@ -75,6 +75,7 @@ class VisionEncoder(nn.Module):
         self.frozen = cfg.freeze
         if self.frozen:
             self.tower.requires_grad_(False)
+        self.compiled = False  # True: the tower runs as one compiled graph (model.compile)
 
     @property
     def width(self) -> int:
@@ -84,5 +85,20 @@ class VisionEncoder(nn.Module):
         """images (B, 3, H, W) -> patch tokens (B, P, W_vision); no graph is built when frozen."""
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
-            _, tokens = self.tower(images)
-        return tokens
+            return compiled_tokens()(self.tower, images) if self.compiled else tower_tokens(self.tower, images)
+
+
+def tower_tokens(tower: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return tower(images)[1]  # (pooled, tokens): open_clip's output_tokens=True
+
+
+_COMPILED_TOKENS = None
+
+
+def compiled_tokens():
+    """tower_tokens under torch.compile (inductor), made once: the whole open_clip tower as one graph (an
+    inference graph when it is frozen), its norms, bias adds and activations fused."""
+    global _COMPILED_TOKENS
+    if _COMPILED_TOKENS is None:
+        _COMPILED_TOKENS = torch.compile(tower_tokens)
+    return _COMPILED_TOKENS
