@@ -12,7 +12,7 @@ import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-from tests.helpers import losses, make_demo_shards, train_env
+from tests.helpers import losses, make_demo_shards, metrics, train_env
 from vlm_dist.config import load_config
 from vlm_dist.observe.logger import RunLogger
 from vlm_dist.train.engine import Engine, param_groups
@@ -123,6 +123,22 @@ def test_loop_with_a_plain_torch_engine_equals_deepspeed(one_rank, tmp_path):
     assert plain[6] < plain[1]
     for step in ds:
         assert abs(ds[step] - plain[step]) <= 1e-5, (step, ds[step], plain[step])
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_through_the_loop_as_eager_does(one_rank, tmp_path):
+    """model.compile=true through the real loop and loader: batches of varying text length (dynamo
+    recompiles once, then treats the length as dynamic), validation without gradients, checkpoint saves;
+    the losses follow eager's to float reassociation."""
+    extra = (f"data.val_shards={one_rank / 'val'}", "train.eval_every=3")
+    run(one_rank, tmp_path / "eager", extra=extra)
+    run(one_rank, tmp_path / "compiled", extra=(*extra, "model.compile=true"))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(eager) == sorted(compiled) == list(range(1, 7))
+    for step in eager:
+        assert abs(eager[step] - compiled[step]) <= 1e-4 * abs(eager[step]), (step, eager[step], compiled[step])
+    vals = [[r["loss"] for r in metrics(d, "val")] for d in (tmp_path / "eager", tmp_path / "compiled")]
+    assert len(vals[0]) == len(vals[1]) == 2 and all(abs(a - b) <= 1e-4 * a for a, b in zip(*vals))
 
 
 def test_plain_torch_engine_resumes_through_the_checkpoint_protocol(one_rank, tmp_path):

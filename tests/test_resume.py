@@ -19,10 +19,11 @@ def shape(world=2, micro=4, accum=1, workers=1, overrides=(), shards=SHARDS, sta
 
 def test_same_shape_resumes_and_lists_harmless_changes():
     saved, saved_cfg = shape()
-    now, cfg = shape(overrides=["train.eval_every=7", "log.log_every=3"])
+    now, cfg = shape(overrides=["train.eval_every=7", "log.log_every=3", "model.compile=true"])
     elastic, notes = check(saved, now, saved_cfg, cfg, batch_in_epoch=4, elastic=False)
     assert elastic is None
     assert notes == ["changed since the checkpoint (harmless): log.log_every: 1 -> 3",
+                     "changed since the checkpoint (harmless): model.compile: False -> True",
                      "changed since the checkpoint (harmless): train.eval_every: 5 -> 7"]
 
 

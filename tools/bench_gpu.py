@@ -1,4 +1,4 @@
-"""The one-GPU benchmark: training step, MFU, memory, loader, decoding (~6 min on an H100), then torch.compile.
+"""The one-GPU benchmark: training step, MFU, memory, optimizer, loader, decoding, then model.compile (~8 min on an H100).
 
     python tools/bench_gpu.py                      # one H100/H200: prints the table, appends it to docs/BENCHMARKS.md
     python tools/bench_gpu.py --json gpu.json      # also the raw numbers

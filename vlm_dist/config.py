@@ -155,7 +155,8 @@ class ModelConfig(Section):
         False, description="Regional torch.compile (inductor): the vision tower, the decoder blocks' whole-sequence "
         "forward (one graph serves every block) and the head loss's per-chunk softmax kernels; fewer, fused kernels "
         "where the GPU, not the host, sets the pace (docs/BENCHMARKS.md). The first steps compile (seconds to a "
-        "minute); the decoder's cached decoding stays eager. Numerics differ from eager by float reassociation only.",
+        "minute); the decoder's cached decoding stays eager, and so does a ZeRO-3 run (the trainer says so). "
+        "Numerics differ from eager by float reassociation only.",
     )
     attention: Literal["sdpa", "explicit"] = Field(
         "sdpa",
@@ -347,9 +348,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The product model: OpenCLIP ViT-B-32 (frozen, OpenAI weights) + 24 blocks x 8 heads x 768.
     # quick_gelu is set here, not left to the tag, so that the OpenAI weights given as a local file
     # (model.vision.pretrained=/path/to/open_clip_checkpoint) keep the activation they were trained with.
+    # compile: regional torch.compile, 0.76x / 0.82x the eager step (checkpointing off / on) at micro-batch 1024
+    # on an H100 (docs/bench/gpu_round7.md).
     "base": {
         "model": {"vision": {"model_name": "ViT-B-32", "pretrained": "openai", "freeze": True, "quick_gelu": True},
-                  "n_future": 4},
+                  "n_future": 4, "compile": True},
     },
 }
 

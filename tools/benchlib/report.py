@@ -15,15 +15,15 @@ def _train_rows(rows: list[dict]) -> list[str]:
     lines = ["| micro | ckpt | compile | step ms: median (min..max) | back-to-back ms/step | samples/s | text tokens/s "
              "| seq tokens/s | TFLOP/s | MFU | peak GiB | transient GiB | ckpt on/off: time, transient memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    by_key = {(r["micro"], r["ckpt"]): r for r in rows if r.get("status") == "ok"}
+    by_key = {(r["micro"], r["ckpt"], r.get("compiled")): r for r in rows if r.get("status") == "ok"}
     for r in rows:
         head = f"| {r['micro']} | {'on' if r['ckpt'] else 'off'} | {r.get('compiled') or 'no'}"
         if r.get("status") != "ok":
             lines.append(f"{head} | {r.get('status')} |  |  |  |  |  |  |  |  |  |")
             continue
         ratio = ""
-        off = by_key.get((r["micro"], False))
-        if r["ckpt"] and off and r.get("compiled") is None:
+        off = by_key.get((r["micro"], False, r.get("compiled")))
+        if r["ckpt"] and off:
             ratio = (f"{r['step_s'] / off['step_s']:.2f}x, "
                      f"{r['transient_gib'] / off['transient_gib']:.2f}x" if off["transient_gib"] > 0 else "")
         lines.append(f"{head} | {1e3 * r['step_s']:.1f} ({1e3 * r['min_s']:.1f}..{1e3 * r['max_s']:.1f}) "

@@ -246,8 +246,9 @@ class TrainBench:
         return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
     def measure(self, micro: int, ckpt: bool, extra: dict | None = None, compiled: str | None = None) -> dict:
-        """Median step over `steps` timed steps after `warmup`, checkpointing as given; eager, or with
-        model.compile's regions (set_compiled: loss, blocks or all) switched on for this measurement."""
+        """Median step over `steps` timed steps after `warmup`, checkpointing as given; compiled as the
+        preset says (model.compile: all or off), or with the regions named (set_compiled) switched on."""
+        compiled = compiled or ("all" if self.cfg.model.compile else None)
         try:
             engine = self.get_engine()
             engine.module.cfg.activation_checkpointing = ckpt
@@ -290,6 +291,7 @@ class TrainBench:
         per step: where the host, not the GPU, sets the pace (small micro-batches)."""
         from torch.profiler import ProfilerActivity, profile
 
+        compiled = compiled or ("all" if self.cfg.model.compile else None)  # as measure() does
         engine = self.get_engine()
         engine.module.cfg.activation_checkpointing = ckpt
         set_compiled(engine.module, compiled or "off")

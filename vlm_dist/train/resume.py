@@ -40,7 +40,7 @@ def run_shape(cfg: RunConfig, micro: int, accum: int, world: int, shards: list[S
         "streams_per_rank": max(1, cfg.data.num_workers), "seed": cfg.train.seed, "zero_stage": zero_stage,
         "shards": {"count": len(shards), "samples": sum(s.samples for s in shards),
                    "digest": _digest([[s.url.rsplit("/", 1)[-1], s.samples] for s in shards])},
-        "data": data, "model": cfg.model.model_dump(mode="json"),
+        "data": data, "model": cfg.model.model_dump(mode="json", exclude={"compile"}),  # compile: how, not what
     }
 
 
@@ -89,8 +89,10 @@ def check(saved: dict, now: dict, saved_config: dict, config: dict, batch_in_epo
 
 
 def _soft(config: dict) -> dict:
-    """The config fields that may change between sessions without breaking exactness."""
-    return {k: v for k, v in config.items() if k in ("train", "log")}
+    """The config fields that may change between sessions without breaking exactness (model.compile:
+    the same computation to float reassociation; a config saved before it existed ran eager)."""
+    soft = {k: v for k, v in config.items() if k in ("train", "log")}
+    return {**soft, "model": {"compile": config.get("model", {}).get("compile", False)}}
 
 
 def plan_elastic(saved: dict, now: dict, batch_in_epoch: int) -> Elastic:

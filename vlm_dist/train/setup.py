@@ -137,6 +137,12 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     where = _resume_point(opts, ckpt_dir, info, quiet)
 
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    compile_note = None
+    if cfg.model.compile and stage >= 3:  # ZeRO-3 gathers each layer's weights in hooks dynamo cannot trace
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.compile = False
+        compile_note = ("model.compile=true is not used under ZeRO-3 (its parameter-gathering hooks cannot be "
+                        "compiled): the model runs eager. Use ZeRO-1/2 to compile it")
     shards = resolve_shards(cfg.data.train_shards)  # once: without a manifest this scans the tars
     shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage)
     elastic, universal_tag = None, None
@@ -195,6 +201,8 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
              f"{global_batch} = {micro} micro x {accum} accumulation x {info.world_size} ranks; {total} steps ({how})")
     log.info(f"train data: {train_loader.describe()}")
     log.info(ds["_precision"])  # what bf16.enabled="auto" resolved to, and why
+    if compile_note:
+        log.info(compile_note)
     if note:
         log.info(note)
     if where is not None:
