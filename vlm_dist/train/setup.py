@@ -137,6 +137,14 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     where = _resume_point(opts, ckpt_dir, info, quiet)
 
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if cfg.train.generate_every and cfg.data.val_shards and stage < 3:  # fail now, not at the first generation eval
+        try:
+            import pycocoevalcap  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                f"train.generate_every={cfg.train.generate_every} scores captions with pycocoevalcap, which cannot be "
+                f"imported ({err}): install the eval extra (pip install -e '.[eval]'), or set train.generate_every=0"
+            ) from err
     compile_note = None
     if cfg.model.compile and stage >= 3:  # ZeRO-3 gathers each layer's weights in hooks dynamo cannot trace
         cfg = cfg.model_copy(deep=True)
