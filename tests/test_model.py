@@ -127,6 +127,40 @@ def test_compiled_regions_give_the_eager_loss_gradients_and_logits():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_blocks_checkpoint_inside_the_graph_and_keep_only_their_inputs():
+    """A compiled block under activation checkpointing runs torch.utils.checkpoint inside its compiled graph
+    (decoder.checkpointed): backward recomputes the block, so what autograd keeps per block is its input
+    alone, as eager checkpointing keeps, and far less than without checkpointing."""
+    from vlm_dist.model.decoder import Block, checkpointed
+
+    torch.manual_seed(0)
+    blocks = [Block(64, 2, 4.0, 0.0, "sdpa") for _ in range(3)]
+    params = {p.data_ptr() for b in blocks for p in b.parameters()}
+
+    def kept_bytes(compiled: bool, ckpt: bool) -> int:
+        for b in blocks:
+            b.compiled = compiled
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += 0 if t.data_ptr() in params else t.numel() * t.element_size()  # weights are not activations
+            return t
+
+        x = torch.randn(4, 24, 64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = x
+            for b in blocks:
+                h = checkpointed(b, h) if ckpt else b(h)
+        h.square().sum().backward()
+        return total
+
+    inputs = 3 * 4 * 24 * 64 * 4  # each block's fp32 input
+    kept_bytes(True, True)  # compile first: what compilation itself touches is not counted
+    assert kept_bytes(False, True) == kept_bytes(True, True) == inputs
+    assert kept_bytes(True, False) > 10 * inputs
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_cached_incremental_forward_equals_full_forward(chunk):
     model = tiny_model()

@@ -5,7 +5,8 @@
     python tools/bench_gpu.py --cpu-smoke          # every code path on the CPU, tiny shapes, < 1 min (tests run this)
 
 What it measures (no download: random weights, model.vision.pretrained=null, the base preset's shapes):
-1. Training step of the `base` preset (ViT-B-32 tower frozen + 24 x 768 decoder, n_future=4) on the
+1. Training step of the `base` preset (ViT-B-32 tower frozen + 24 x 768 decoder, n_future=4, compiled
+   as the preset says: model.compile, regional torch.compile; the profile part likewise) on the
    trainer's own DeepSpeed engine (vlm_dist.train.engine.build_engine, ds_configs/zero2.json: bf16,
    ZeRO-2, torch AdamW; one rank) with a synthetic batch at COCO shapes (49 image tokens + 31 text
    positions, captions of random length, padded): step time, samples/s, tokens/s, TFLOP/s and MFU
@@ -18,10 +19,10 @@ What it measures (no download: random weights, model.vision.pretrained=null, the
    from vlm_dist.observe.flops.train_flops (the same count the trainer logs; recompute not counted).
 2. Where a step's time goes: torch.profiler over 3 steps at the best micro-batch, the kernels with the
    most device time (part "profile"); the ZeRO reduce bucket: ds_configs' fixed 5e7 elements vs the
-   model's trainable size (part "bucket"); torch's AdamW foreach vs fused (part "optimizer"); torch.compile: model.compile's
-   regions (the head loss's chunk kernels, the decoder blocks, the vision tower, all: inductor) at the best
-   micro-batch vs eager, checkpointing on and off,
-   and a profile of the fastest (part "compile", run last: the slowest to warm up). The card's own
+   model's trainable size (part "bucket"); torch's AdamW foreach vs fused (part "optimizer");
+   model.compile's regions (the head loss's chunk kernels, the decoder blocks, the vision tower, all:
+   inductor) at the best micro-batch vs eager, checkpointing on and off, and a profile of the fastest
+   (part "compile", run last by default: the slowest to warm up). The card's own
    bf16 matmul rate (8192^3) is measured first and printed beside the datasheet peak.
    With --json, the raw numbers are rewritten after every part, so a run cut short keeps what finished.
 3. Loader: vlm_dist.data's streaming loader images/s with 4, 8 and 16 workers on shards of
@@ -176,9 +177,9 @@ def matmul_ceiling(device) -> dict:
 
 
 def part_compile(bench, args, results) -> dict:
-    """model.compile's regions (regional torch.compile: the head loss's chunk kernels, the decoder blocks,
-    both) against eager, on one engine, at the best micro-batch, each checkpointing setting asked; then
-    a profile of the fastest, so the next bottleneck is in the record."""
+    """model.compile's regions (--compile-variants: off, loss, blocks, tower, all) side by side on one engine,
+    at the best micro-batch, for each checkpointing setting asked; then a profile of the fastest compiled
+    row, so the next bottleneck is in the record."""
     best = best_row(results.get("train", {}).get("rows", [])) or {"micro": ints(args.micros)[-1], "ckpt": True}
     ckpts = {"best": [best["ckpt"]], "on": [True], "off": [False], "both": [True, False]}[args.compile_ckpt]
     rows = [bench.measure(best["micro"], ckpt, compiled=what) for ckpt in ckpts for what in args.compile_variants]

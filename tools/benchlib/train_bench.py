@@ -3,7 +3,7 @@
     bench = TrainBench(cfg, ds, device)          # cfg: RunConfig; ds: a DeepSpeed dict (load_ds_config)
     row = bench.measure(micro=64, ckpt=True)      # {"step_s", "samples_s", "tflops", "mfu", "peak_gib", ...}
     rows = bench.sweep([8, 16, 32, 64], ckpt_both=True)   # ascending; stops at the first OOM with checkpointing on
-    row = bench.measure(micro=64, ckpt=True, compiled="all")   # model.compile's regions: off, loss, blocks or all
+    row = bench.measure(micro=64, ckpt=True, compiled="all")   # model.compile's regions: off, loss, blocks, tower or all
 
 The step is the trainer's own: `vlm_dist.train.engine.build_engine(VLM(cfg.model), ds)`, then
 engine(images, ids, targets) -> engine.backward(loss) -> engine.step(), as vlm_dist/train/loop.py's

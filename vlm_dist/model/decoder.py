@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -162,7 +163,8 @@ class Attention(nn.Module):
         if self.hide_image:
             mask = self.text_only_mask(T, S, cache, qkv.device)
         elif self.kind == "sdpa" and S == T:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+            # is_causal for T = 1 too (a 1 x 1 causal mask is no mask): a plain bool, never a guard on T
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         elif cache is not None:
             mask = cache.attn_mask(T, additive=self.kind == "sdpa")
         else:  # query i sits at absolute position S-T+i and may see keys 0..S-T+i
@@ -237,16 +239,30 @@ class Block(nn.Module):
         return F.linear(F.gelu(F.linear(x, up.weight, up.bias), approximate=act.approximate), down.weight, down.bias)
 
 
-_COMPILED_RESIDUAL = None
+_COMPILED: dict[bool, object] = {}
 
 
-def compiled_residual():
+def _checkpointed_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
+    return checkpoint(block.residual, x, use_reentrant=False)
+
+
+def compiled_residual(checkpointed: bool = False):
     """Block.residual under torch.compile (inductor), made once: one graph serves every block of a width
     (dynamo guards on the block's type and shapes, not on which block; blocks that hide the image compile
     their own), fusing each block's norms, bias adds, GELU and residual adds, and the layout copies
     around attention. Sequence lengths are dynamic after a second length is seen. Cached decoding never
-    comes here (its lengths change every call)."""
-    global _COMPILED_RESIDUAL
-    if _COMPILED_RESIDUAL is None:
-        _COMPILED_RESIDUAL = torch.compile(Block.residual)
-    return _COMPILED_RESIDUAL
+    comes here (its lengths change every call). checkpointed=True: the activation checkpoint is inside
+    the compiled function (dynamo's checkpoint operator puts the recompute in the compiled backward)."""
+    if checkpointed not in _COMPILED:
+        _COMPILED[checkpointed] = torch.compile(_checkpointed_residual if checkpointed else Block.residual)
+    return _COMPILED[checkpointed]
+
+
+def checkpointed(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """block(x) with activation checkpointing (non-reentrant), in training. A compiled block checkpoints
+    inside its compiled graph, never a compiled call inside torch.utils.checkpoint: that recompute could
+    meet another compiled graph than its forward did (after a recompilation in between) and save other
+    tensors, which torch.utils.checkpoint refuses (seen in the test suite)."""
+    if block.compiled:
+        return compiled_residual(checkpointed=True)(block, x)
+    return checkpoint(block, x, use_reentrant=False)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
-from vlm_dist.model.decoder import Block, KVCache
+from vlm_dist.model.decoder import Block, KVCache, checkpointed
 
 
 class ExtraHeads(nn.Module):
@@ -31,7 +30,7 @@ class ExtraHeads(nn.Module):
         outs = []
         for k, (block, norm) in enumerate(zip(self.blocks, self.norms)):
             if self.checkpointing and self.training and cache is None:
-                z = checkpoint(block, h, use_reentrant=False)
+                z = checkpointed(block, h)
             else:
                 z = block(h, cache, first_layer + k)
             outs.append(norm(z))

@@ -67,7 +67,7 @@ class _Kernels:
     kernels that read the (C, V) matmul output once or twice, where eager runs ~8 kernels over fp32 copies
     of it (a quarter of an H100 base step: docs/bench/gpu_round5.md). Made on first use (model.compile)."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # dynamic=False: only the rows marked below vary, V stays a constant
         self._forward = torch.compile(chunk_forward, dynamic=False)
         self._backward = torch.compile(chunk_backward, dynamic=False)
 

@@ -14,11 +14,10 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.config import ModelConfig
 from vlm_dist.model.argmax import CertifiedArgmax
-from vlm_dist.model.decoder import Block, KVCache, sinusoidal_positions
+from vlm_dist.model.decoder import Block, KVCache, checkpointed, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads, FusedHeads
 from vlm_dist.model.loss import Unembedding
 from vlm_dist.model.vision import VisionEncoder
@@ -111,7 +110,7 @@ class VLM(nn.Module):
         """Causal blocks over x (B, S, D) -> last hidden state (B, S, D), before the final norm."""
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpointed(block, x)
             else:
                 x = block(x, cache, i)
         return x
@@ -170,7 +169,7 @@ class VLM(nn.Module):
             return self.norm(h)
         block, norm = self.extra_heads.blocks[k - 1], self.extra_heads.norms[k - 1]
         if self.cfg.activation_checkpointing and self.training:
-            return norm(checkpoint(block, h, use_reentrant=False))
+            return norm(checkpointed(block, h))
         return norm(block(h))
 
     # --- incremental decoding ----------------------------------------------------------------
