@@ -95,10 +95,10 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients():
 
 
 def test_compiled_regions_give_the_eager_loss_gradients_and_logits():
-    """model.compile=true: the vision tower, the blocks' whole-sequence forward (one graph for the plain blocks, one for the
-    block that hides the image) and the head loss's chunk kernels, compiled by inductor, give eager's loss,
-    gradients (checkpointed) and logits to float reassociation, and so does cached decoding (its blocks stay
-    eager); the state dict is the same."""
+    """model.compile=true: the vision tower, the blocks' whole-sequence forward (one graph for the plain
+    blocks, one for the block that hides the image) and the head loss's chunk kernels, compiled by inductor,
+    give eager's loss, gradients (checkpointed) and logits to float reassociation, and so does cached
+    decoding (its blocks stay eager); the state dict is the same."""
     overrides = ["model.text_first_layers=1", "model.activation_checkpointing=true"]
     eager, compiled = tiny_model(*overrides).train(), tiny_model(*overrides, "model.compile=true").train()
     assert list(compiled.state_dict()) == list(eager.state_dict())

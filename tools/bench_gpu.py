@@ -1,4 +1,4 @@
-"""The one-GPU benchmark: training step, MFU, memory, optimizer, loader, decoding, then model.compile (~8 min on an H100).
+"""The one-GPU benchmark: training step, MFU, memory, optimizer, loader, decoding, model.compile (~8 min, H100).
 
     python tools/bench_gpu.py                      # one H100/H200: prints the table, appends it to docs/BENCHMARKS.md
     python tools/bench_gpu.py --json gpu.json      # also the raw numbers
@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_model, benchlib
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on the hub
 
-PARTS = ("train", "profile", "bucket", "optimizer", "decode", "loader", "compile")  # compile last by default: the slowest to warm up
+# compile last by default: the slowest to warm up
+PARTS = ("train", "profile", "bucket", "optimizer", "decode", "loader", "compile")
 SMOKE = {"preset": "tiny", "micros": "2,4", "warmup": 1, "steps": 1, "compile_variants": "off,all", "compile_ckpt": "on",
          "loader_workers": "0,2", "photos": 24, "loader_micro": 4, "decode_batches": "1,8", "new_tokens": 6,
          "decode_repeats": 1}
