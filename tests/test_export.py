@@ -83,3 +83,22 @@ def test_export_directory_loads_without_deepspeed(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=train_env(), capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_an_export_of_a_compiled_model_loads_eager(tmp_path):
+    """model.compile is a training setting: an export of a model trained with it (the `base` preset's) loads
+    for generation and evaluation without compiled regions, with the weights and the rest of its config."""
+    import torch
+
+    from vlm_dist.config import load_config
+    from vlm_dist.infer.export import save_export
+    from vlm_dist.model import VLM
+
+    torch.manual_seed(0)
+    model = VLM(load_config("tiny", ["model.compile=true"]).model).eval()
+    save_export(model, tmp_path / "exp")
+    loaded, cfg = load_exported(tmp_path / "exp")
+    assert cfg.compile is False and cfg.n_layers == model.cfg.n_layers
+    assert not loaded.vision.compiled and not loaded.lm_head.fused
+    assert not any(b.compiled for b in [*loaded.blocks, *loaded.extra_heads.blocks])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

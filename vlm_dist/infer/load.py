@@ -52,6 +52,7 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu", dty
     meta = read_export_config(directory)
     meta["model"].setdefault("vision", {})["allow_random_frozen"] = True  # the export carries the tower's weights
     meta["model"]["vision"].setdefault("quick_gelu", False)  # exports older than the field never forced QuickGELU
+    meta["model"]["compile"] = False  # a training setting: decoding runs eager, and a few images never repay compiling
     cfg = ModelConfig.model_validate(meta["model"])
     model = build_model(cfg)
     load_model(model, str(Path(directory) / "model.safetensors"), strict=True)  # re-ties shared weights
