@@ -116,7 +116,7 @@ def add_turns(tok: Tokenizer, first: Example, turns: list[tuple[str, str]], max_
     for question, answer in turns:
         if not answer or not answer.strip():
             raise ValueError(f"empty answer to {question!r}: every Q&A pair needs a non-empty answer")
-        prompt = tok.encode(QA_PROMPT.format(question=question.strip()))
+        prompt = prompt_tokens(tok, question)[1:]  # a later turn's prompt: no <sot>
         body = tok.encode(answer) + [tok.eos_id]
         if len(tokens) + len(prompt) + len(body) <= max_len:
             tokens += prompt + body

@@ -141,10 +141,7 @@ def set_compiled(module, what: str) -> None:
     switching back costs nothing."""
     if what not in COMPILE_VARIANTS:
         raise ValueError(f"compiled: one of {', '.join(COMPILE_VARIANTS)}, not {what!r}")
-    for block in [*module.blocks, *module.extra_heads.blocks]:
-        block.compiled = what in ("blocks", "all")
-    module.lm_head.fused = what in ("loss", "all")
-    module.vision.compiled = what in ("tower", "all")
+    module.compile_regions(tower=what in ("tower", "all"), blocks=what in ("blocks", "all"), loss=what in ("loss", "all"))
 
 
 class TrainBench:
@@ -245,10 +242,14 @@ class TrainBench:
         self.log(traceback.format_exc(limit=4))
         return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
+    def _as_configured(self, compiled: str | None) -> str | None:
+        """The regions asked for, or (None) what the preset says: model.compile = all, else eager (None)."""
+        return compiled or ("all" if self.cfg.model.compile else None)
+
     def measure(self, micro: int, ckpt: bool, extra: dict | None = None, compiled: str | None = None) -> dict:
         """Median step over `steps` timed steps after `warmup`, checkpointing as given; compiled as the
         preset says (model.compile: all or off), or with the regions named (set_compiled) switched on."""
-        compiled = compiled or ("all" if self.cfg.model.compile else None)
+        compiled = self._as_configured(compiled)
         try:
             engine = self.get_engine()
             engine.module.cfg.activation_checkpointing = ckpt
@@ -291,7 +292,7 @@ class TrainBench:
         per step: where the host, not the GPU, sets the pace (small micro-batches)."""
         from torch.profiler import ProfilerActivity, profile
 
-        compiled = compiled or ("all" if self.cfg.model.compile else None)  # as measure() does
+        compiled = self._as_configured(compiled)
         engine = self.get_engine()
         engine.module.cfg.activation_checkpointing = ckpt
         set_compiled(engine.module, compiled or "off")

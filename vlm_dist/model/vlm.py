@@ -47,15 +47,16 @@ class VLM(nn.Module):
         if cfg.compile:
             self.compile_regions()
 
-    def compile_regions(self) -> None:
-        """Regional torch.compile (model.compile): the vision tower, every decoder block (trunk and extra
-        heads: one graph serves them all) and the head loss's chunk kernels. The state dict and cached
-        decoding are unchanged. Whole-model compilation (DeepSpeed's engine.compile) did not finish warming
-        up in 90 s on an H100 (round 5)."""
-        self.vision.compiled = True
+    def compile_regions(self, tower: bool = True, blocks: bool = True, loss: bool = True) -> None:
+        """Regional torch.compile (model.compile: all three): the vision tower, every decoder block (trunk and
+        extra heads: one graph serves them all) and the head loss's chunk kernels; False turns a region back
+        to eager (compiled graphs stay cached). The state dict and cached decoding are unchanged.
+        Whole-model compilation (DeepSpeed's engine.compile) did not finish warming up in 90 s on an H100
+        (round 5)."""
+        self.vision.compiled = tower
         for block in [*self.blocks, *self.extra_heads.blocks]:
-            block.compiled = True
-        self.lm_head.fused = True
+            block.compiled = blocks
+        self.lm_head.fused = loss
 
     def _init_decoder_weights(self) -> None:
         """Normal(0, init_std) for decoder linears/embeddings; residual output layers scaled by
