@@ -32,6 +32,13 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def set_one_rank_env(monkeypatch) -> None:
+    """The environment of a single-rank run in this process (the trainer's init_distributed reads it)."""
+    for key, value in train_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+
+
 def start_ranks(args: list[str], world: int, **extra_env: str) -> list[subprocess.Popen]:
     """Start `python -m vlm_dist.train ARGS` once per rank, torchrun-style (RANK/WORLD_SIZE/... set), all
     in one new process group (the job's: a fault hook may SIGKILL it, as a dying node would)."""

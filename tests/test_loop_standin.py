@@ -12,7 +12,7 @@ import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-from tests.helpers import losses, make_demo_shards, metrics, train_env
+from tests.helpers import losses, make_demo_shards, metrics, set_one_rank_env
 from vlm_dist.config import load_config
 from vlm_dist.observe.logger import RunLogger
 from vlm_dist.train.engine import Engine, param_groups
@@ -97,12 +97,7 @@ class TorchEngine:
 
 @pytest.fixture()
 def one_rank(monkeypatch, tmp_path):
-    for key, value in train_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                                MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(key, value)
-    from tests.helpers import free_port
-
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    set_one_rank_env(monkeypatch)
     return make_demo_shards(tmp_path / "data", n_train=32, n_val=8)
 
 

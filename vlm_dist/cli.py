@@ -208,6 +208,48 @@ def shard_coco_cmd(
     typer.echo(f"wrote {out}/manifest.json; rejects in {out}/rejects.jsonl")
 
 
+@app.command("precompute-features")
+def precompute_features_cmd(
+    shards: str = typer.Option(..., "--shards", help="Image shards: a shard-coco output folder (or a brace pattern / "
+                               "glob of its tars)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the feature shards (the same tar names) and their manifest."),
+    config: str = typer.Option("base", "--config", help="The run config whose frozen tower (model.vision) computes "
+                               "the features: the preset or YAML you will train with."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a run-config field, e.g. --set "
+                                             "model.vision.pretrained=/path/to/open_clip_checkpoint (repeatable)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per tower forward."),
+    workers: int = typer.Option(4, "--workers", min=0, help="Processes decoding JPEGs (0: in this process)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Tower precision and stored dtype: auto (bf16 on a GPU with "
+                              "bf16, else fp32), bf16, fp16 or fp32. Train in the same precision to feed the "
+                              "model what its tower would have computed."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (stderr)."),
+) -> None:
+    """Run the frozen vision tower once over image shards and write shards of its output tokens.
+
+    Training on them skips JPEG decoding and the tower's forward every epoch (pass the output folder as
+    --train-shards / --val-shards; the trainer checks that the features came from its own tower and
+    weights). Only for a frozen tower (model.vision.freeze=true, as in the base preset)."""
+    from vlm_dist.config import ConfigError, load_config
+    from vlm_dist.data.features import FeatureError, precompute_features
+    from vlm_dist.data.manifest import ShardSpecError
+    from vlm_dist.model.vision import PretrainedWeightsError
+
+    try:
+        cfg = load_config(config, set_ or [])
+        summary = precompute_features(shards, out, cfg, batch_size=batch_size, workers=workers, dtype=dtype,
+                                      device=device, progress=progress)
+    except (ConfigError, FeatureError, ShardSpecError, PretrainedWeightsError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+    typer.echo(f"{summary['samples']} samples in {summary['shards']} shard(s), {summary['bytes'] / 2**20:.1f} MiB "
+               f"({summary['dtype']} on {summary['device']}, {summary['elapsed_s']:.1f} s); skipped: {skipped}")
+    for bad in summary["bad_images"][:5]:
+        typer.echo(f"  not decoded: {bad['shard']} {bad['key']}: {bad['error']}", err=True)
+    typer.echo(f"wrote {out}/manifest.json and {out}/summary.json")
+
+
 @app.command("index-shards")
 def index_shards_cmd(
     directory: Path = typer.Argument(..., help="A folder of webdataset tars without manifest.json, e.g. img2dataset's "

@@ -31,7 +31,7 @@ REASONS = ("missing_image", "missing_caption", "bad_json")
 
 def sample_problem(raw: dict) -> str | None:
     """None if a raw sample (extension -> bytes, as webdataset yields it) can be trained on, else why not."""
-    if "jpg" not in raw:
+    if "jpg" not in raw and "safetensors" not in raw:  # a JPEG, or a feature shard's tower tokens
         return "missing_image"
     meta = None
     if "json" in raw:
@@ -50,7 +50,7 @@ def sample_problem(raw: dict) -> str | None:
 
 
 def _samples(path: Path):
-    """Raw samples of a tar with .txt/.json bytes and a placeholder for .jpg (its bytes are not read)."""
+    """Raw samples of a tar with .txt/.json bytes and a placeholder for the image (its bytes are not read)."""
     with tarfile.open(path) as tar:  # random access: headers are read, member data is seeked over
         current: dict | None = None
         for info in tar:
@@ -64,7 +64,7 @@ def _samples(path: Path):
                 if current is not None:
                     yield current
                 current = {"__key__": key}
-            current[ext] = b"" if ext == "jpg" else tar.extractfile(info).read()
+            current[ext] = b"" if ext in ("jpg", "safetensors") else tar.extractfile(info).read()
         if current is not None:
             yield current
 

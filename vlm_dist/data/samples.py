@@ -4,7 +4,8 @@
     batch = collate([prep(raw, epoch=0) for raw in raws], prep)   # the dict described in loader.py
 
 Only the members named in WANTED are ever read from a tar (selected by name before their bytes are
-loaded), so a `.pyd` / `.pickle` / `.pth` member is never unpickled, or even read. The per-sample
+loaded), so a `.pyd` / `.pickle` / `.pth` member is never unpickled, or even read. A sample's image is
+its .jpg, or in feature shards (data/features.py) its .safetensors: the frozen tower's (P, W) tokens. The per-sample
 choice (caption vs question, which caption, which question) comes from an RNG seeded by
 (seed, epoch, sample key), never from stream state, so skipping samples cannot change it.
 """
@@ -20,14 +21,17 @@ from torch.utils.data import get_worker_info
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import rng_for
+from vlm_dist.data.features import EXT as FEATURES
+from vlm_dist.data.features import decode as decode_features
 from vlm_dist.data.images import model_pixels
 from vlm_dist.text import Example, add_turns, build_example, collate_examples, get_tokenizer, make_targets
 
-WANTED = frozenset({"jpg", "json", "txt"})
+IMAGE_MEMBERS = ("jpg", FEATURES)  # a sample's image: a JPEG, or the frozen tower's tokens (feature shards)
+WANTED = frozenset({*IMAGE_MEMBERS, "json", "txt"})
 
 
 def wanted_member(fname: str) -> bool:
-    """webdataset `select_files` predicate: keep KEY.jpg / KEY.json / KEY.txt, skip everything else."""
+    """webdataset `select_files` predicate: keep KEY.jpg / KEY.safetensors / KEY.json / KEY.txt, skip the rest."""
     base = fname.rsplit("/", 1)[-1]
     return "." in base and base.split(".", 1)[1].lower() in WANTED
 
@@ -89,6 +93,7 @@ class SamplePreparer:
     def __init__(self, cfg: RunConfig, seed: int):
         self.image_size = cfg.model.vision.geometry["image_size"]
         self.to_tensor = ImageToTensor(self.image_size)
+        self.feature_shape = (cfg.model.n_image_tokens, cfg.model.vision.geometry["width"])
         self.tok = get_tokenizer()
         self.max_len = cfg.data.max_text_len
         self.n_future = cfg.model.n_future
@@ -98,7 +103,7 @@ class SamplePreparer:
 
     def __call__(self, raw: dict, epoch: int) -> dict:
         key, url = raw["__key__"], raw.get("__url__")
-        if "jpg" not in raw or ("json" not in raw and "txt" not in raw):
+        if not any(m in raw for m in IMAGE_MEMBERS) or ("json" not in raw and "txt" not in raw):
             raise ValueError(f"sample {key!r} in {url} lacks a .jpg, or both .json and .txt; write shards with "
                              f"`vlm-dist shard-coco` or index them with `vlm-dist index-shards`")
         meta = json.loads(raw["json"]) if "json" in raw else {}  # img2dataset: caption in .txt
@@ -119,7 +124,10 @@ class SamplePreparer:
         example, question = self._example(target, question, captions, rng, [(p["question"], p["answer"]) for p in more])
         if question is None and kind == "qa":  # the question did not fit: fell back to a caption
             kind, refs = "caption", captions
-        image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
+        if FEATURES in raw:  # (P, W) tokens of the frozen tower, in the dtype they were stored in
+            image = decode_features(raw[FEATURES], key, url, self.feature_shape)
+        else:
+            image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
         return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
                 "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
 
@@ -165,7 +173,7 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
     mask = F.pad(mask, (0, extra), value=False)
     input_ids, targets = make_targets(tokens, mask, prep.n_future)
     return {
-        "images": _stack(samples, get_worker_info() is not None),  # (B, 3, H, W) uint8
+        "images": _stack(samples, get_worker_info() is not None),  # (B, 3, H, W) uint8, or tokens (B, P, W)
         "input_ids": input_ids,  # (B, T) long, T = max_text_len - 1
         "targets": targets,  # (B, n_future, T) long, IGNORE_INDEX where no target
         "keys": [s["key"] for s in samples],

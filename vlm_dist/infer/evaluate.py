@@ -7,7 +7,7 @@ VQA v2 accuracy, overall and per question type.
         --batch-size 32 --max-new-tokens 24
 
 Validation shards are read directly (every caption and every question of every image, not the
-training loader's one-per-image choice); like the loader, only .jpg/.json/.txt members are read.
+training loader's one-per-image choice); like the loader, only .jpg/.safetensors/.json/.txt members are read.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ def normalise(text: str) -> str:
 
 
 def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[str, bytes, dict]]:
-    """(key, jpg bytes, metadata) of each image in the shards, in manifest order."""
+    """(key, image, metadata) of each image in the shards, in manifest order. image: the .jpg bytes, or in
+    feature shards (data/features.py) the frozen tower's (P, W) tokens."""
     import webdataset as wds
 
     from vlm_dist.data.manifest import resolve_shards
+    from vlm_dist.data.features import EXT, decode
     from vlm_dist.data.samples import wanted_member
 
     n = 0
@@ -45,12 +47,13 @@ def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[
         for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
             if limit is not None and n >= limit:
                 return
-            if "json" not in raw or "jpg" not in raw:
+            if "json" not in raw or ("jpg" not in raw and EXT not in raw):
                 raise EvalDataError(
                     f"sample {raw['__key__']} of {shard.url} has no {'.json' if 'json' not in raw else '.jpg'}: "
                     f"evaluation needs each image's image_id, captions and Q&A, as `vlm-dist shard-coco` writes them "
                     f"(img2dataset shards train, but cannot be scored)")
-            yield raw["__key__"], raw["jpg"], json.loads(raw["json"])
+            image = decode(raw[EXT], raw["__key__"], shard.url) if EXT in raw else raw["jpg"]
+            yield raw["__key__"], image, json.loads(raw["json"])
             n += 1
 
 
@@ -61,15 +64,15 @@ def question_type(qa: dict) -> str:
 
 def _tasks(shards: str, limit: int | None) -> list[dict]:
     tasks = []
-    for key, jpg, meta in iter_shard_samples(shards, limit):
+    for key, image, meta in iter_shard_samples(shards, limit):
         image_id = meta.get("image_id")
         if not isinstance(image_id, int) or isinstance(image_id, bool):
             raise EvalDataError(f"sample {key!r} in {shards} has no integer image_id ({image_id!r}); COCO scoring "
                                 f"needs one per image: write the shards with `vlm-dist shard-coco`")
         if meta.get("captions"):
-            tasks.append({"key": key, "jpg": jpg, "image_id": image_id, "question": None, "refs": meta["captions"]})
+            tasks.append({"key": key, "image": image, "image_id": image_id, "question": None, "refs": meta["captions"]})
         for qa in meta.get("qa") or []:
-            tasks.append({"key": key, "jpg": jpg, "image_id": image_id, "question": qa["question"],
+            tasks.append({"key": key, "image": image, "image_id": image_id, "question": qa["question"],
                           "refs": [qa["answer"]], "answers": list(qa.get("answers") or []), "type": question_type(qa)})
     if not tasks:
         raise EvalDataError(f"no captions or questions found in {shards}")
@@ -120,7 +123,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     batches = list(_batches([t for t, _ in todo], [b for _, b in todo], batch_size))
     with decoding(model):  # once for all batches: a model in training rebuilds its caches once
         for chunk, budget in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-            images = torch.stack([to_tensor(t["jpg"]) for t in chunk])
+            images = torch.stack([t["image"] if isinstance(t["image"], torch.Tensor) else to_tensor(t["image"]) for t in chunk])
             if speculative:
                 from vlm_dist.infer.speculative import speculative_generate_batch
 

@@ -83,10 +83,12 @@ class VLM(nn.Module):
     def embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, offset: int = 0,
               positions: torch.Tensor | None = None) -> torch.Tensor:
         """[projected image tokens ; token embeddings] + scaled sinusoidal positions: (B, S, D). Positions
-        run from `offset`, or are given per row as `positions` (B, S) (a ragged KV cache)."""
+        run from `offset`, or are given per row as `positions` (B, S) (a ragged KV cache). `images`: pixels
+        (B, 3, H, W), or the frozen tower's output for them (B, P, W_vision): precomputed features
+        (data/features.py), which go to the projector as the tower's own output would."""
         x = self.tok_emb(input_ids)  # (B, T, D)
         if images is not None:
-            img = self.projector(self.vision(images.to(self.projector.weight.dtype)))  # (B, P, D)
+            img = self.projector(self.image_tokens(images.to(self.projector.weight.dtype)))  # (B, P, D)
             x = torch.cat([img, x], dim=1)
         table = self._position_table(x.dtype, x.device)  # (L, D): pos_scale * sinusoidal positions
         if positions is None:
@@ -97,6 +99,18 @@ class VLM(nn.Module):
             return x + table[positions]
         pe = sinusoidal_positions(positions.reshape(-1), x.shape[-1]).view(*positions.shape, -1)
         return x + self.cfg.pos_scale * pe.to(x.dtype)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's tokens (B, P, W_vision) for pixels (B, 3, H, W); precomputed tokens pass through, checked."""
+        if images.dim() == 4:
+            return self.vision(images)
+        if images.dim() != 3 or images.shape[1:] != (self.n_image_tokens, self.vision.width):
+            raise ValueError(f"images of shape {tuple(images.shape)}: give pixels (B, 3, H, W) or the tower's "
+                             f"tokens (B, {self.n_image_tokens}, {self.vision.width})")
+        if not self.vision.frozen:  # the tower would train, but precomputed tokens bypass it
+            raise ValueError("precomputed tower features need a frozen tower (model.vision.freeze=true): this "
+                             "model's tower trains, and its gradients would never reach it")
+        return images
 
     def _position_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """pos_scale * sinusoidal positions for 0 .. max_seq_len + 63 (spare slots of speculative decoding),

@@ -78,12 +78,14 @@ def forward_flops(cfg: ModelConfig, vocab_size: int, batch: int, text_len: int, 
     }
 
 
-def train_flops(cfg: ModelConfig, vocab_size: int, batch: int, text_len: int, n_targets: int) -> float:
-    """Forward + backward FLOPs of one training micro-batch (module docstring: what counts)."""
+def train_flops(cfg: ModelConfig, vocab_size: int, batch: int, text_len: int, n_targets: int,
+                tower: bool = True) -> float:
+    """Forward + backward FLOPs of one training micro-batch (module docstring: what counts). tower=False:
+    the batch holds precomputed features of the frozen tower (data/features.py), which then never runs."""
     f = forward_flops(cfg, vocab_size, batch, text_len, n_targets)
     trained = 3 * (f["blocks"] + f["lm_head"])
     if cfg.vision.freeze:
-        return trained + f["patch"] + f["vision"] + 2 * f["projector"]
+        return trained + (f["patch"] + f["vision"] if tower else 0) + 2 * f["projector"]
     return trained + 2 * f["patch"] + 3 * (f["vision"] + f["projector"])
 
 

@@ -131,8 +131,9 @@ class EvalRecorder:
         self.valid = torch.zeros_like(self.correct)
         self.samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (image, targets, pred)
 
-    def add(self, images: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> None:
-        """images (B,3,H,W), targets and pred (B,n,T), keep (B,) bool (False for padding repeats)."""
+    def add(self, images: torch.Tensor | None, targets: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> None:
+        """images (B,3,H,W) or None (feature shards: no pixels to show), targets and pred (B,n,T), keep (B,)
+        bool (False for padding repeats)."""
         targets, pred, keep = targets.cpu(), pred.cpu(), keep.cpu()
         valid = (targets != IGNORE_INDEX) & keep[:, None, None]
         self.correct += ((pred == targets) & valid).sum(0)
@@ -140,7 +141,7 @@ class EvalRecorder:
         for i in keep.nonzero().flatten().tolist():
             if len(self.samples) >= self.n_samples:
                 break
-            self.samples.append((images[i].cpu(), targets[i], pred[i]))
+            self.samples.append((None if images is None else images[i].cpu(), targets[i], pred[i]))
 
     def position_counts(self) -> torch.Tensor:
         """(2, n, T) float64: correct and valid counts by head and position (to all-reduce)."""
@@ -150,6 +151,6 @@ class EvalRecorder:
         """Log the comparison images and the accuracy plot (rendered only by a logger that writes)."""
         for i, (image, targets, pred) in enumerate(self.samples):
             render = lambda image=image, targets=targets, pred=pred: render_comparison(  # noqa: E731
-                targets, pred, unnormalise(image))
+                targets, pred, None if image is None else unnormalise(image))
             log.image(step, f"tokens/sample{i}", render)
         log.image(step, "val/position_accuracy", lambda: render_position_accuracy(counts[0], counts[1]))

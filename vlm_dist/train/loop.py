@@ -51,7 +51,9 @@ def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.
     # Images travel as uint8 (a quarter of float32's bytes) and are normalised on the device, in float32 as
     # open_clip's transform does; the engine casts the module to bf16/fp16, not the inputs: images must
     # follow. Token ids stay integer.
-    images = normalize_images(batch["images"].to(dev, non_blocking=True), run.cfg.model.vision.geometry["image_size"])
+    images = batch["images"].to(dev, non_blocking=True)
+    if images.dtype == torch.uint8:  # pixels; else the tower's precomputed tokens (data/features.py)
+        images = normalize_images(images, run.cfg.model.vision.geometry["image_size"])
     if batch.get("poisoned"):  # test hook (RunOptions.poison): NaN images, made after the uint8 -> float step
         images = images * float("nan")
     return (images.to(run.engine.dtype), batch["input_ids"].to(dev, non_blocking=True),
@@ -70,7 +72,8 @@ def forward_backward(run: Run, batch: dict) -> torch.Tensor:
 def micro_batch_flops(run: Run, batch: dict) -> float:
     B, T = batch["input_ids"].shape
     n_targets = int((batch["targets"] != IGNORE_INDEX).sum())  # over all heads: the LM head runs only there
-    return train_flops(run.cfg.model, run.engine.module.vocab_size, B, T, n_targets)
+    return train_flops(run.cfg.model, run.engine.module.vocab_size, B, T, n_targets,
+                       tower=batch["images"].dtype == torch.uint8)  # else precomputed features: no tower forward
 
 
 def next_batches(run: Run, batches) -> tuple[list[dict], float]:
@@ -218,7 +221,8 @@ def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | 
             sums[2 + 2 * k] += int(((pred[:, k] == targets[:, k]) & valid[:, k]).sum())
             sums[3 + 2 * k] += int(valid[:, k].sum())
         if recorder is not None:
-            recorder.add(normalize_images(batch["images"], images.shape[-1]), targets, pred, keep)  # float32, host
+            pixels = batch["images"] if batch["images"].dtype == torch.uint8 else None  # None: tower features
+            recorder.add(None if pixels is None else normalize_images(pixels, images.shape[-1]), targets, pred, keep)
     engine.train()
     extra = recorder.position_counts() if recorder is not None else torch.zeros(0, dtype=torch.float64)
     total = all_reduce_sum(torch.cat([sums, extra.flatten()]), run.info.device)

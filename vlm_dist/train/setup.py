@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vlm_dist.config import ConfigError, RunConfig, save_config
+from vlm_dist.data.features import FeatureError, check_features, features_record
 from vlm_dist.data.loader import build_loader
 from vlm_dist.data.manifest import resolve_shards
 from vlm_dist.model import VLM
@@ -124,6 +125,21 @@ def _universal_copy(where: ckpt.ResumePoint, info: DistInfo) -> str:
     return name
 
 
+def _check_feature_shards(cfg: RunConfig, shards: list, model: VLM) -> str | None:
+    """Refuse feature shards (data/features.py) the model cannot take in place of its tower's output (a tower
+    that trains, another tower or other weights); a line for the log if the train or val shards hold some."""
+    notes = []
+    for what, found in (("train", shards), ("val", resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else [])):
+        record = features_record(found)
+        try:
+            check_features(record, cfg.model.vision, model.vision.tower)
+        except FeatureError as err:
+            raise ConfigError(f"{what} shards: {err}") from None
+        if record is not None:
+            notes.append(f"{what} shards hold precomputed tower features ({record['dtype']}): the tower does not run on them")
+    return "; ".join(notes) or None
+
+
 def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     """`make_engine(model, ds)`: the engine adapter (train/engine.py), or a stand-in with its methods."""
     info = init_distributed()
@@ -189,7 +205,9 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     note = resolve_schedule(ds, total, how)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = make_engine(VLM(fetch_once(cfg.model, local_rank=info.local_rank, device=info.device)), ds)
+    model = VLM(fetch_once(cfg.model, local_rank=info.local_rank, device=info.device))
+    features = _check_feature_shards(cfg, shards, model)
+    engine = make_engine(model, ds)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # dropout streams differ per rank
     state = ckpt.TrainState()
     if where is not None:
@@ -208,6 +226,8 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     log.info(f"world size {info.world_size} on {info.device}, {precision(ds)}, ZeRO stage {stage}; global batch "
              f"{global_batch} = {micro} micro x {accum} accumulation x {info.world_size} ranks; {total} steps ({how})")
     log.info(f"train data: {train_loader.describe()}")
+    if features:
+        log.info(features)
     log.info(ds["_precision"])  # what bf16.enabled="auto" resolved to, and why
     if compile_note:
         log.info(compile_note)

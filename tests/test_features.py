@@ -1,0 +1,154 @@
+"""Precomputed tower features (data/features.py, `vlm-dist precompute-features`): a run on feature shards
+trains, validates and generates as the same run on the image shards does, and the wrong features are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO, losses, make_demo_shards, metrics, set_one_rank_env, train_env
+from vlm_dist.config import ConfigError, load_config
+from vlm_dist.data.features import EXT, FeatureError, decode, precompute_features
+from vlm_dist.train.loop import RunOptions, train
+
+FROZEN = ["model.vision.freeze=true"]  # the tiny preset's tower trains; features need a frozen one
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    shards = make_demo_shards(root, n_train=32, n_val=8)
+    cfg = load_config("tiny", FROZEN)
+    for split in ("train", "val"):
+        precompute_features(str(shards / split), root / "feat" / split, cfg, batch_size=5, workers=0, progress=False)
+    return shards, root / "feat"
+
+
+@pytest.fixture()
+def one_rank(monkeypatch):
+    set_one_rank_env(monkeypatch)
+
+
+def run(shards, run_dir, extra=()):
+    cfg = load_config("tiny", [f"data.train_shards={shards / 'train'}", f"data.val_shards={shards / 'val'}",
+                               "train.max_steps=6", "train.save_every=100", "train.eval_every=3", "log.tensorboard=false",
+                               *FROZEN, *extra])
+    opts = RunOptions(ds="ds_configs/zero2.json", run_dir=str(run_dir),
+                      ds_overrides=["bf16.enabled=false", "optimizer.params.lr=0.002", "train_micro_batch_size_per_gpu=4",
+                                    "scheduler.params.warmup_num_steps=2"])
+    return train(cfg, opts)
+
+
+def test_features_are_the_towers_output_for_each_image(data):
+    """Each stored (P, W) token block equals the model's tower applied to that sample's JPEG (fp32)."""
+    import webdataset as wds
+
+    from vlm_dist.data.samples import ImageToTensor, wanted_member
+    from vlm_dist.model import VLM
+
+    shards, feat = data
+    cfg = load_config("tiny", FROZEN)
+    torch.manual_seed(cfg.train.seed)
+    model = VLM(cfg.model).eval()  # the trainer's model: the same seed, so the same random tower
+    to_tensor = ImageToTensor(cfg.model.vision.geometry["image_size"])
+    images = {r["__key__"]: r["jpg"] for r in wds.tarfile_samples([{"url": str(shards / "val" / "val-00000.tar")}],
+                                                                  select_files=wanted_member)}
+    stored = {r["__key__"]: r[EXT] for r in wds.tarfile_samples([{"url": str(feat / "val" / "val-00000.tar")}],
+                                                                 select_files=wanted_member)}
+    assert sorted(stored) == sorted(images) and len(stored) == 8
+    with torch.no_grad():
+        for key, jpg in images.items():
+            want = model.vision(to_tensor(jpg)[None])[0]
+            got = decode(stored[key], key, "test", tuple(want.shape))
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            assert want.abs().max() > 0.1  # a real output, not zeros
+
+
+def test_training_on_feature_shards_equals_training_on_the_image_shards(data, one_rank, tmp_path):
+    """The same run (6 steps, validation at 3 and 6) on image shards and on their feature shards: the same
+    losses, validation losses and token accuracies (fp32)."""
+    from vlm_dist.data.loader import build_loader
+
+    shards, feat = data
+    cfg = load_config("tiny", FROZEN)
+    batch = next(iter(build_loader(cfg, str(feat / "train"), rank=0, world_size=1, micro_batch=4, train=True)))
+    assert batch["images"].shape == (4, 16, 32) and batch["images"].dtype == torch.float32  # tokens, not pixels
+    run(shards, tmp_path / "images")
+    run(feat, tmp_path / "features")
+    a, b = losses(tmp_path / "images"), losses(tmp_path / "features")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert b[6] < b[1]  # it learns
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    va, vb = metrics(tmp_path / "images", "val"), metrics(tmp_path / "features", "val")
+    assert [m["step"] for m in va] == [m["step"] for m in vb] == [3, 6]
+    for x, y in zip(va, vb):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x, y)
+        assert x["token_acc_head0"] == y["token_acc_head0"]
+
+
+def test_generation_eval_on_feature_shards_equals_the_image_shards(data):
+    """evaluate_generation decodes the same tokens from a sample's features as from its JPEG."""
+    from vlm_dist.infer.evaluate import evaluate_generation
+    from vlm_dist.model import VLM
+
+    shards, feat = data
+    cfg = load_config("tiny", FROZEN)
+    torch.manual_seed(cfg.train.seed)
+    model = VLM(cfg.model)
+    kw = dict(limit=8, max_new_tokens=6, batch_size=4, progress=False, meteor=False, java=False)
+    a = evaluate_generation(model, str(shards / "val"), **kw)["predictions"]
+    b = evaluate_generation(model, str(feat / "val"), **kw)["predictions"]
+    assert len(a) == len(b) >= 8
+    assert a == b
+
+
+def test_the_trainer_refuses_features_it_cannot_use(data, one_rank, tmp_path):
+    """Features of other tower weights (another seed's random tower), or for a tower that would train."""
+    _, feat = data
+    with pytest.raises(ConfigError, match="other weights"):
+        run(feat, tmp_path / "seed", extra=["train.seed=1"])
+    with pytest.raises(ConfigError, match="freeze"):
+        run(feat, tmp_path / "trains", extra=["model.vision.freeze=false"])
+
+
+def test_a_model_takes_features_only_for_a_frozen_tower_and_of_its_shape():
+    from vlm_dist.model import VLM
+
+    cfg = load_config("tiny", [])  # the tower trains
+    model = VLM(cfg.model)
+    P, W = cfg.model.n_image_tokens, model.vision.width
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="frozen tower"):
+        model.embed(torch.zeros(2, P, W), ids)
+    frozen = VLM(load_config("tiny", FROZEN).model)
+    assert frozen.embed(torch.zeros(2, P, W), ids).shape == (2, P + 3, cfg.model.d_model)
+    with pytest.raises(ValueError, match=f"\\(B, {P}, {W}\\)"):
+        frozen.embed(torch.zeros(2, P + 1, W), ids)
+
+
+def test_a_damaged_feature_member_names_the_sample_and_the_fix():
+    with pytest.raises(FeatureError, match="sample 'k7'.*damaged.*precompute-features"):
+        decode(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", "k7", "x.tar")
+    from vlm_dist.data.features import encode
+
+    with pytest.raises(FeatureError, match="shape \\(3, 4\\), expected \\(16, 32\\)"):
+        decode(encode(torch.zeros(3, 4)), "k8", "x.tar", (16, 32))
+
+
+def test_precompute_refuses_a_tower_that_trains_and_feature_shards_as_input(data, tmp_path):
+    shards, feat = data
+    cli = [sys.executable, "-m", "vlm_dist.cli", "precompute-features", "--config", "tiny", "--no-progress",
+           "--workers", "0", "--out", str(tmp_path / "out")]
+    trains = subprocess.run(cli + ["--shards", str(shards / "val")], capture_output=True, text=True, env=train_env(),
+                            cwd=REPO, timeout=300)
+    assert trains.returncode == 2 and "freeze=false" in trains.stderr, trains.stderr
+    again = subprocess.run(cli + ["--shards", str(feat / "val"), "--set", "model.vision.freeze=true"], capture_output=True,
+                           text=True, env=train_env(), cwd=REPO, timeout=300)
+    assert again.returncode == 2 and "holds feature shards already" in again.stderr, again.stderr
+    manifest = json.loads((feat / "val" / "manifest.json").read_text())
+    assert manifest["features"]["tokens"] == 16 and manifest["features"]["dtype"] == "fp32"
