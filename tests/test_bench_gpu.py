@@ -69,11 +69,13 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert [r["variant"] for r in opt] == ["torch AdamW, foreach (default)", "torch AdamW, fused=True"]
     assert all(r["status"] == "ok" and r["micro"] == buckets[0]["micro"] for r in opt)
 
-    loader = res["loader"]  # the photos as they are, then shard-coco --resize to the tower's input
-    assert [(r["shards"].startswith("shard-coco --resize"), r["workers"]) for r in loader["rows"]] == [
-        (False, 0), (False, 2), (True, 0), (True, 2)]
+    loader = res["loader"]  # the photos as they are, shard-coco --resize to the tower's input, their tower features
+    assert [(r["shards"].split()[0], r["workers"]) for r in loader["rows"]] == [
+        ("640x480", 0), ("640x480", 2), ("shard-coco", 0), ("shard-coco", 2), ("precompute-features", 0),
+        ("precompute-features", 2)]
     for r in loader["rows"]:  # 24 photos, micro 4, one stream or two: the whole epoch arrives
         assert r["images"] == 24 and r["images_s"] > 0
+    assert loader["precompute"]["images_s"] > 0 and loader["precompute"]["dtype"] == "fp32"  # auto on a CPU
     assert 60 < loader["mean_kib"] < 400  # COCO-like compressed size, not a flat synthetic image
 
     prof = res["decode"]["profile"]  # host work per token of each decoder, from a real profiled decode

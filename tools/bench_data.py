@@ -38,6 +38,8 @@ cache by every variant alike.
    epoch of 118k images amortises; for naive and ImageToTensor it is the wall time.
      loader, 0 workers, --resize 224 shards   the loader on shards written with `shard-coco --resize 224`
                     (the COCO recipe's, launch/coco_base.sh): smaller JPEGs, decoded whole, then cropped
+     loader, 0 / 1 worker(s), feature shards   the loader on `precompute-features` shards of the same photos
+                    (the base tower's 49 x 768 tokens in bf16, random frozen weights): no decoding at all
 3. --parts damage: how many damaged copies of the photos each --verify level rejects (benchlib/damage.py).
 4. --parts pixels: how far each image path's tensors are from the naive one's (benchlib/pixels.py).
 """
@@ -193,7 +195,7 @@ def before_variant(before: Path, what: str, files: list, shards: Path, micro: in
 
 
 def loader_variants(cfg, photos: dict, shards: Path, micro: int, before: Path | None = None,
-                    shards224: Path | None = None) -> dict:
+                    shards224: Path | None = None, features: Path | None = None) -> dict:
     """name -> callable returning (images, wall s, CPU s)."""
     import torch
     from PIL import Image
@@ -234,6 +236,9 @@ def loader_variants(cfg, photos: dict, shards: Path, micro: int, before: Path | 
     variants.update({"loader, 0 workers": loader(0), "loader, 1 worker": loader(1)})
     if shards224 is not None:
         variants["loader, 0 workers, --resize 224 shards"] = loader(0, shards224)
+    if features is not None:
+        variants["loader, 0 workers, feature shards"] = loader(0, features)
+        variants["loader, 1 worker, feature shards"] = loader(1, features)
     if before is not None:
         variants["ImageToTensor (before)"] = before_variant(before, "itt", files, shards, micro)
         variants["loader, 0 workers (before)"] = before_variant(before, "loader", files, shards, micro)
@@ -315,9 +320,21 @@ def main(argv: list[str] | None = None) -> dict:
         shards224 = work / "shards224"
         shard_coco(photos["images"], [photos["ann"]], shards224, shard_size=args.shard_size, resize=224, workers=2,
                    progress=False, log=lambda m: None)
-        runs = interleave(loader_variants(cfg, photos, shards, args.micro, args.before, shards224), args.rounds, log)
+        from vlm_dist.data.features import precompute_features
+
+        t = time.perf_counter()  # the base tower (ViT-B-32, random weights) on this CPU, its output stored in bf16
+        made = precompute_features(str(shards), work / "features", cfg, batch_size=32, workers=2, dtype="bf16",
+                                   device="cpu", progress=False)
+        made_s = time.perf_counter() - t
+        runs = interleave(loader_variants(cfg, photos, shards, args.micro, args.before, shards224, work / "features"),
+                          args.rounds, log)
         result["loader"] = runs
+        result["precompute"] = {**made, "wall_s": made_s}
         lines += table(runs, "pipeline (1 thread)", ["naive PIL + torchvision"], alt="steady") + [""]
+        lines += [f"feature shards: `precompute_features` (ViT-B-32, random frozen weights, bf16, 2 decoding processes, "
+                  f"this CPU) {made['samples']} images in {made_s:.1f} s ({made['samples'] / made_s:.1f} images/s), "
+                  f"{made['bytes'] / made['samples'] / 1024:.1f} KiB per sample (the JPEG shards: "
+                  f"{sum(f.stat().st_size for f in shards.glob('*.tar')) / made['samples'] / 1024:.1f} KiB)", ""]
     if "damage" in args.parts:
         from benchlib.damage import damage_table
 

@@ -26,7 +26,9 @@ What it measures (no download: random weights, model.vision.pretrained=null, the
    bf16 matmul rate (8192^3) is measured first and printed beside the datasheet peak.
    With --json, the raw numbers are rewritten after every part, so a run cut short keeps what finished.
 3. Loader: vlm_dist.data's streaming loader images/s with 4, 8 and 16 workers on shards of
-   COCO-sized (640x480, photo-like) JPEGs this script makes, against the GPU's samples/s.
+   COCO-sized (640x480, photo-like) JPEGs this script makes, on the same shards resized to 224, and on
+   their precompute-features shards (the frozen tower's tokens: no decoding), against the GPU's
+   samples/s; and precompute-features' own images/s (tower on the GPU, JPEGs decoded by every core).
 4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8.
 Method details: tools/benchlib/*.py docstrings. --cpu-smoke runs the same code on the tiny preset
 (bf16 ZeRO-2 on DeepSpeed's CPU accelerator, inductor's CPU backend) and never touches docs/.
@@ -238,8 +240,21 @@ def loader_rows(cfg, args, workdir: Path) -> dict:
     made = {"photos": shards["n"], "mean_kib": shards["mean_kib"], "make_s": time.perf_counter() - t, "resize": size}
     print(f"  {shards['n']} photos ({shards['mean_kib']:.0f} KiB mean) + shards, as they are and resized to {size}, "
           f"in {made['make_s']:.1f} s", file=sys.stderr)
+    from vlm_dist.data.features import precompute_features
+
+    t = time.perf_counter()  # the frozen tower once over the resized shards, on the benchmark's device
+    frozen = cfg.model_copy(deep=True)  # base's tower is frozen; --cpu-smoke's tiny one is frozen here
+    frozen.model.vision.freeze = True
+    feats = precompute_features(str(shards["shards_resized"]), workdir / "features", frozen, batch_size=256,
+                                workers=os.cpu_count() or 1, progress=False)
+    made["precompute"] = {"images_s": feats["samples"] / (time.perf_counter() - t), "device": feats["device"],
+                          "dtype": feats["dtype"], "kib_per_sample": feats["bytes"] / max(feats["samples"], 1) / 1024}
+    print(f"  precompute-features: {made['precompute']['images_s']:.0f} images/s ({feats['dtype']} on {feats['device']})",
+          file=sys.stderr)
+    shards["features"] = workdir / "features"
     rows = []
-    for key, label in [("shards", "640x480 JPEGs as they are"), ("shards_resized", f"shard-coco --resize {size}")]:
+    for key, label in [("shards", "640x480 JPEGs as they are"), ("shards_resized", f"shard-coco --resize {size}"),
+                       ("features", "precompute-features (tower tokens)")]:
         for w in ints(args.loader_workers):
             row = {**loader_throughput(cfg, shards[key], w, args.loader_micro), "shards": label}
             print(f"  {label}, {w:2d} workers: {row['images_s']:.0f} images/s over the epoch, steady "

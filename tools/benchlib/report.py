@@ -151,6 +151,10 @@ def render(results: dict) -> str:
             ratio = f"{r['steady_images_s'] / best:.2f}" if best and r["steady_images_s"] else "n/a"
             lines.append(f"| {r.get('shards', '640x480 JPEGs as they are')} | {r['workers']} | {r['micro']} | {r['images_s']:.0f} | {_f(r['steady_images_s'], '.0f')} "
                          f"| {r['first_batch_s']:.2f} | {ratio} |")
+        if loader.get("precompute"):
+            pre = loader["precompute"]
+            lines.append(f"precompute-features over the resized shards: {pre['images_s']:.0f} images/s ({pre['dtype']} "
+                         f"on {pre['device']}), {pre['kib_per_sample']:.1f} KiB per sample")
         lines.append("")
     dec = results.get("decode", {})
     if "error" in dec:
