@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # COCO from nothing to Karpathy-test scores on one machine with NUM_GPUS GPUs:
 #   shard-coco (Karpathy train [+ VQA v2 train] / val / test; images downscaled to the tower's input)
+#   [-> precompute-features (FEATURES=1): the frozen tower's tokens for train / val, computed once]
 #   -> vlm-dist train --num-gpus N --config base -> export (best val loss) -> vlm-dist eval on Karpathy test.
 #
 #     COCO=/data/coco NUM_GPUS=4 launch/coco_base.sh                     # extra arguments go to the trainer:
@@ -29,6 +30,9 @@ SHARDS=${SHARDS:-$COCO/shards}                         # shards/{train,val,test}
 RUN_DIR=${RUN_DIR:-runs/coco_base}                     # checkpoints/, tb/, export/, eval_karpathy_test.json
 RESIZE=${RESIZE:-}                                     # empty: the tower's image size (224 for ViT-B-32)
 WORKERS=${WORKERS:-8}                                  # shard-coco processes
+FEATURES=${FEATURES:-0}                                # 1: train on the frozen tower's precomputed features
+                                                       # (no JPEG decoding or tower forward per epoch; the
+                                                       # trainer's --set model.* options apply to it too)
 MASTER_PORT=${MASTER_PORT:-29500}
 VLM_DIST=${VLM_DIST:-vlm-dist}                         # e.g. ".venv/bin/vlm-dist" or "python -m vlm_dist.cli"
 # -------------------------------------------------------------------------------------------------
@@ -59,9 +63,24 @@ for split in val test; do
     --out "$SHARDS/$split" --split "$split" --resize "$RESIZE" --workers "$WORKERS"
 done
 
+# 1b. FEATURES=1: the frozen tower once over train and val (on a GPU when there is one), with the model
+#     overrides (--set model.*) given to the trainer below, so that its tower is the trainer's.
+TRAIN=$SHARDS/train VAL=$SHARDS/val
+if [[ "$FEATURES" == 1 ]]; then
+  SETS=() ARGS=("$@")
+  for ((i = 0; i + 1 < ${#ARGS[@]}; i++)); do
+    if [[ "${ARGS[i]}" == --set && "${ARGS[i+1]}" == model.* ]]; then SETS+=(--set "${ARGS[i+1]}"); fi
+  done
+  for split in train val; do
+    "${VD[@]}" precompute-features --shards "$SHARDS/$split" --out "$SHARDS/features_$split" --config "$CONFIG" \
+      "${SETS[@]}" --workers "$WORKERS"
+  done
+  TRAIN=$SHARDS/features_train VAL=$SHARDS/features_val
+fi
+
 # 2. Training on NUM_GPUS ranks (the DeepSpeed launcher; one rank: in this process).
 "${VD[@]}" train --num-gpus "$NUM_GPUS" --master-port "$MASTER_PORT" --config "$CONFIG" --ds "$DS_CONFIG" \
-  --train-shards "$SHARDS/train" --val-shards "$SHARDS/val" --run-dir "$RUN_DIR" --resume auto "$@"
+  --train-shards "$TRAIN" --val-shards "$VAL" --run-dir "$RUN_DIR" --resume auto "$@"
 
 # 3. Export the checkpoint with the best validation loss, 4. score it on the Karpathy test split.
 "${VD[@]}" export --ckpt "$RUN_DIR/checkpoints" --tag best --out "$RUN_DIR/export"

@@ -78,3 +78,25 @@ def test_coco_recipe_end_to_end(tmp_path):
     assert result["metrics"]["images"] == N_TEST and result["metrics"]["captions"] == N_TEST
     assert result["metrics"]["questions"] == 0  # Karpathy test has captions only
     assert "caption exact match" in r.stdout
+
+
+def test_coco_recipe_on_precomputed_tower_features(tmp_path):
+    """FEATURES=1: the frozen tower's features for train and val (with the trainer's --set model.* options),
+    training and validation on them, then the export scored on the Karpathy test images."""
+    coco = make_coco(tmp_path)
+    run_dir = tmp_path / "run"
+    env = train_env(COCO=str(coco), CONFIG="tiny", NUM_GPUS="1", RUN_DIR=str(run_dir), WORKERS="1", FEATURES="1",
+                    MASTER_PORT=str(free_port()), VLM_DIST=f"{sys.executable} -m vlm_dist.cli")
+    r = subprocess.run(["bash", "launch/coco_base.sh", "--max-steps", "2", "--eval-every", "2", "--save-every", "100",
+                        "--set", "model.vision.freeze=true", "--ds-set", "train_micro_batch_size_per_gpu=4",
+                        "--ds-set", "bf16.enabled=false"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+    for split, n in [("train", N_TRAIN), ("val", N_VAL)]:
+        manifest = json.loads((coco / "shards" / f"features_{split}" / "manifest.json").read_text())
+        assert sum(s["samples"] for s in manifest["shards"]) == n and manifest["features"]["model_name"] == "vlm-tiny-vit"
+    assert "train shards hold precomputed tower features" in r.stdout + r.stderr
+    got = losses(run_dir)
+    assert sorted(got) == [1, 2] and all(math.isfinite(v) for v in got.values())
+    result = json.loads((run_dir / "eval_karpathy_test.json").read_text())
+    assert result["metrics"]["images"] == N_TEST
