@@ -105,6 +105,8 @@ def test_generation_eval_on_feature_shards_equals_the_image_shards(data):
     b = evaluate_generation(model, str(feat / "val"), **kw)["predictions"]
     assert len(a) == len(b) >= 8
     assert a == b
+    with pytest.raises(FeatureError, match="freeze=false"):  # a model whose tower trains is refused them
+        evaluate_generation(VLM(load_config("tiny", []).model), str(feat / "val"), **kw)
 
 
 def test_the_trainer_refuses_features_it_cannot_use(data, one_rank, tmp_path):
