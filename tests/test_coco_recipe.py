@@ -85,7 +85,7 @@ def test_coco_recipe_on_precomputed_tower_features(tmp_path):
     training and validation on them, then the export scored on the Karpathy test images."""
     coco = make_coco(tmp_path)
     run_dir = tmp_path / "run"
-    env = train_env(COCO=str(coco), CONFIG="tiny", NUM_GPUS="1", RUN_DIR=str(run_dir), WORKERS="1", FEATURES="1",
+    env = train_env(COCO=str(coco), CONFIG="tiny", NUM_GPUS="2", RUN_DIR=str(run_dir), WORKERS="1", FEATURES="1",
                     MASTER_PORT=str(free_port()), VLM_DIST=f"{sys.executable} -m vlm_dist.cli")
     r = subprocess.run(["bash", "launch/coco_base.sh", "--max-steps", "2", "--eval-every", "2", "--save-every", "100",
                         "--set", "model.vision.freeze=true", "--ds-set", "train_micro_batch_size_per_gpu=4",
