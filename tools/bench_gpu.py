@@ -187,6 +187,8 @@ def part_compile(bench, args, results) -> dict:
     ckpts = {"best": [best["ckpt"]], "on": [True], "off": [False], "both": [True, False]}[args.compile_ckpt]
     rows = [bench.measure(best["micro"], ckpt, compiled=what) for ckpt in ckpts for what in args.compile_variants]
     fastest = best_row(rows)
+    if fastest is not None and bench.cfg.model.vision.freeze:  # the same step on precompute-features' tokens
+        rows.append(bench.measure(fastest["micro"], fastest["ckpt"], compiled=fastest["compiled"], features=True))
     out = {"micro": best["micro"], "rows": rows, "profile": None}
     if fastest is not None and fastest.get("compiled") not in (None, "off"):
         out["profile"] = bench.profile(fastest["micro"], fastest["ckpt"], top=25, compiled=fastest["compiled"])
@@ -243,9 +245,7 @@ def loader_rows(cfg, args, workdir: Path) -> dict:
     from vlm_dist.data.features import precompute_features
 
     t = time.perf_counter()  # the frozen tower once over the resized shards, on the benchmark's device
-    frozen = cfg.model_copy(deep=True)  # base's tower is frozen; --cpu-smoke's tiny one is frozen here
-    frozen.model.vision.freeze = True
-    feats = precompute_features(str(shards["shards_resized"]), workdir / "features", frozen, batch_size=256,
+    feats = precompute_features(str(shards["shards_resized"]), workdir / "features", cfg, batch_size=256,
                                 workers=os.cpu_count() or 1, progress=False)
     made["precompute"] = {"images_s": feats["samples"] / (time.perf_counter() - t), "device": feats["device"],
                           "dtype": feats["dtype"], "kib_per_sample": feats["bytes"] / max(feats["samples"], 1) / 1024}
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     device = torch.device(device_name)
-    cfg = load_config(args.preset, PRESET_OVERRIDES.get(args.preset, []) + ["model.vision.pretrained=null"])
+    # --cpu-smoke freezes tiny's tower as base's is, so that the tower-features row runs too
+    frozen = ["model.vision.freeze=true"] if args.cpu_smoke else []
+    cfg = load_config(args.preset, PRESET_OVERRIDES.get(args.preset, []) + ["model.vision.pretrained=null"] + frozen)
     ds = load_ds_config(args.ds, args.ds_set)
     resolve_schedule(ds, 10_000, "the benchmark")  # fills "auto"; the LR schedule does not change step time
     info = init_distributed()  # a world of one (MASTER_* filled in)

@@ -88,9 +88,11 @@ def render(results: dict) -> str:
                   "compilation included (graphs compiled by an earlier row are reused).", "",
                   "| ckpt | compiled | step ms: median (min..max) | / off | back-to-back ms/step | samples/s | TFLOP/s "
                   "| MFU | peak GiB | transient GiB | first step s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        base = {r["ckpt"]: r for r in comp["rows"] if r.get("status") == "ok" and r.get("compiled") == "off"}
+        base = {r["ckpt"]: r for r in comp["rows"] if r.get("status") == "ok" and r.get("compiled") == "off"
+                and not r.get("features")}
         for r in comp["rows"]:
             head = f"| {'on' if r['ckpt'] else 'off'} | {r.get('compiled') or 'off'}"
+            head += " on tower features (precompute-features: no tower forward)" if r.get("features") else ""
             if r.get("status") != "ok":
                 lines.append(f"{head} | {r.get('status')} |  |  |  |  |  |  |  |  |")
                 continue

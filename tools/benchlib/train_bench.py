@@ -173,17 +173,22 @@ class TrainBench:
         self.engine = None
         free_memory(self.device)
 
-    def batch(self, micro: int):
-        """(images in the engine's dtype, ids, targets) on the device + host-side counts, cached per size."""
-        if micro not in self.batches:
+    def batch(self, micro: int, features: bool = False):
+        """(images in the engine's dtype, ids, targets) on the device + host-side counts, cached per size.
+        features=True: the images are the frozen tower's tokens (B, P, W) instead, as precompute-features
+        shards give them (random values: the step's cost does not depend on them)."""
+        if (micro, features) not in self.batches:
             vocab = self.get_engine().module.vocab_size
             images, ids, targets = make_batch(self.cfg, micro, vocab, torch.device("cpu"))
+            if features:
+                module = self.engine.module
+                images = torch.randn(micro, module.n_image_tokens, module.vision.width)
             counts = {"n_targets": int((targets != IGNORE_INDEX).sum()),  # all heads: the LM head runs there
                       "text_tokens": int((targets[:, 0] != IGNORE_INDEX).sum()),  # next-token targets, as the loop counts
                       "seq": self.cfg.model.n_image_tokens + ids.shape[1], "text_len": ids.shape[1]}
             dev = self.device
-            self.batches[micro] = ((images.to(dev, self.dtype), ids.to(dev), targets.to(dev)), counts)
-        return self.batches[micro]
+            self.batches[micro, features] = ((images.to(dev, self.dtype), ids.to(dev), targets.to(dev)), counts)
+        return self.batches[micro, features]
 
     def _timed_steps(self, engine, data) -> tuple[list[float], float, float, float, float]:
         """(per-step seconds, each step synchronised; memory before; peak memory; mean seconds of as many
@@ -213,17 +218,19 @@ class TrainBench:
         sync(self.device)
         return times, before, peak, (time.perf_counter() - t) / self.steps, first
 
-    def _row(self, micro: int, ckpt: bool, compiled: str | None, timing, counts, extra=None) -> dict:
+    def _row(self, micro: int, ckpt: bool, compiled: str | None, timing, counts, extra=None, features: bool = False) -> dict:
         times, before, peak, back_to_back, first = timing
         step = statistics.median(times)
-        flops = train_flops(self.cfg.model, self.engine.module.vocab_size, micro, counts["text_len"], counts["n_targets"])
+        flops = train_flops(self.cfg.model, self.engine.module.vocab_size, micro, counts["text_len"], counts["n_targets"],
+                            tower=not features)
         row = {"micro": micro, "ckpt": ckpt, "compiled": compiled, "status": "ok", "step_s": step,
                "min_s": min(times), "max_s": max(times), "back_to_back_s": back_to_back, "samples_s": micro / step,
                "text_tokens_s": counts["text_tokens"] / step, "seq_tokens_s": micro * counts["seq"] / step,
                "step_flops": flops, "tflops": flops / step / 1e12, "mfu": flops / step / self.peak if self.peak else None,
                "peak_gib": peak / GIB, "transient_gib": (peak - before) / GIB, "resident_gib": before / GIB,
-               "memory_method": self.probe.method, "first_step_s": first, **(extra or {})}
-        self.log(f"  micro {micro:4d} ckpt {'on ' if ckpt else 'off'} {compiled or 'eager'}: {1e3 * step:8.1f} ms/step, "
+               "memory_method": self.probe.method, "first_step_s": first, "features": features, **(extra or {})}
+        self.log(f"  micro {micro:4d} ckpt {'on ' if ckpt else 'off'} {compiled or 'eager'}{' features' if features else ''}: "
+                 f"{1e3 * step:8.1f} ms/step, "
                  f"{row['samples_s']:8.1f} samples/s, {row['tflops']:.2f} TFLOP/s"
                  + (f", MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "")
                  + f", peak {row['peak_gib']:.2f} GiB")
@@ -246,16 +253,18 @@ class TrainBench:
         """The regions asked for, or (None) what the preset says: model.compile = all, else eager (None)."""
         return compiled or ("all" if self.cfg.model.compile else None)
 
-    def measure(self, micro: int, ckpt: bool, extra: dict | None = None, compiled: str | None = None) -> dict:
+    def measure(self, micro: int, ckpt: bool, extra: dict | None = None, compiled: str | None = None,
+                features: bool = False) -> dict:
         """Median step over `steps` timed steps after `warmup`, checkpointing as given; compiled as the
-        preset says (model.compile: all or off), or with the regions named (set_compiled) switched on."""
+        preset says (model.compile: all or off), or with the regions named (set_compiled) switched on;
+        features=True: on precomputed tower tokens (the tower does not run; its FLOPs are not counted)."""
         compiled = self._as_configured(compiled)
         try:
             engine = self.get_engine()
             engine.module.cfg.activation_checkpointing = ckpt
             set_compiled(engine.module, compiled or "off")
-            data, counts = self.batch(micro)
-            return self._row(micro, ckpt, compiled, self._timed_steps(engine, data), counts, extra)
+            data, counts = self.batch(micro, features)
+            return self._row(micro, ckpt, compiled, self._timed_steps(engine, data), counts, extra, features)
         except Exception as err:  # noqa: BLE001 -- OOM (or any failure) becomes a row; the run goes on
             status = self._status(err)
         finally:
