@@ -91,20 +91,32 @@ def test_training_on_feature_shards_equals_training_on_the_image_shards(data, on
         assert x["token_acc_head0"] == y["token_acc_head0"]
 
 
-def test_generation_eval_on_feature_shards_equals_the_image_shards(data):
-    """evaluate_generation decodes the same tokens from a sample's features as from its JPEG."""
-    from vlm_dist.infer.evaluate import evaluate_generation
+def test_generation_on_feature_shards_equals_the_image_shards(data):
+    """Decoding from a sample's features is decoding from its JPEG: the first step's logits (which differ from
+    image to image) agree, and the generation eval's predictions are the same."""
+    from vlm_dist.data.samples import ImageToTensor
+    from vlm_dist.infer.evaluate import evaluate_generation, iter_shard_samples
     from vlm_dist.model import VLM
+    from vlm_dist.text import get_tokenizer, prompt_tokens
 
     shards, feat = data
     cfg = load_config("tiny", FROZEN)
     torch.manual_seed(cfg.train.seed)
-    model = VLM(cfg.model)
+    model = VLM(cfg.model).eval()
+    to_tensor = ImageToTensor(cfg.model.vision.geometry["image_size"])
+    jpgs = [(k, to_tensor(x)) for k, x, _ in iter_shard_samples(str(shards / "val"))]
+    tokens = [(k, x) for k, x, _ in iter_shard_samples(str(feat / "val"))]
+    assert [k for k, _ in jpgs] == [k for k, _ in tokens] and all(x.dim() == 2 for _, x in tokens)
+    prompt = torch.tensor([prompt_tokens(get_tokenizer())] * len(jpgs))
+    with torch.no_grad():
+        a = model.step(prompt, model.new_cache(len(jpgs)), images=torch.stack([x for _, x in jpgs]))[:, 0, -1]
+        b = model.step(prompt, model.new_cache(len(jpgs)), images=torch.stack([x for _, x in tokens]))[:, 0, -1]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert (a[1:] - a[0]).abs().max() > 1e-3  # the images make a difference: the check can fail
     kw = dict(limit=8, max_new_tokens=6, batch_size=4, progress=False, meteor=False, java=False)
-    a = evaluate_generation(model, str(shards / "val"), **kw)["predictions"]
-    b = evaluate_generation(model, str(feat / "val"), **kw)["predictions"]
-    assert len(a) == len(b) >= 8
-    assert a == b
+    p = evaluate_generation(model, str(shards / "val"), **kw)["predictions"]
+    q = evaluate_generation(model, str(feat / "val"), **kw)["predictions"]
+    assert len(p) == len(q) >= 8 and p == q
     with pytest.raises(FeatureError, match="freeze=false"):  # a model whose tower trains is refused them
         evaluate_generation(VLM(load_config("tiny", []).model), str(feat / "val"), **kw)
 
@@ -154,3 +166,70 @@ def test_precompute_refuses_a_tower_that_trains_and_feature_shards_as_input(data
     assert again.returncode == 2 and "holds feature shards already" in again.stderr, again.stderr
     manifest = json.loads((feat / "val" / "manifest.json").read_text())
     assert manifest["features"]["tokens"] == 16 and manifest["features"]["dtype"] == "fp32"
+
+
+def _image_shard(folder, samples: dict) -> None:
+    """A manifest-less image tar (scanned by the loader, as img2dataset's): key -> jpg bytes, a caption each."""
+    from vlm_dist.data.tario import TarWriter
+
+    folder.mkdir(parents=True)
+    with TarWriter(folder / "s-00000.tar") as tar:
+        for key in sorted(samples, key=lambda k: k + "."):
+            tar.add(f"{key}.jpg", samples[key])
+            tar.add(f"{key}.json", json.dumps({"captions": [f"a caption of {key}"], "image_id": 1}).encode())
+
+
+def test_precompute_counts_bad_images_orders_keys_and_refuses_what_it_would_lose(data, tmp_path):
+    """Keys whose member names sort unlike the keys ('a' / 'a-1'), an image that does not decode (listed and
+    counted), no image decodable at all (an error), and output folders that would lose image shards."""
+    import webdataset as wds
+
+    from vlm_dist.data.samples import wanted_member
+
+    shards, feat = data
+    cfg = load_config("tiny", FROZEN)
+    good = next(iter(wds.tarfile_samples([{"url": str(shards / "val" / "val-00000.tar")}], select_files=wanted_member)))["jpg"]
+    _image_shard(tmp_path / "src", {"a": good, "a-1": good, "b": b"not an image"})
+    summary = precompute_features(str(tmp_path / "src"), tmp_path / "out", cfg, workers=0, progress=False)
+    assert summary["samples"] == 2 and summary["skipped"] == {"bad_image": 1}
+    assert [b["key"] for b in summary["bad_images"]] == ["b"]
+    _image_shard(tmp_path / "bad", {"c": b"\xff\xd8 cut short"})
+    with pytest.raises(FeatureError, match="no sample written.*bad_image"):
+        precompute_features(str(tmp_path / "bad"), tmp_path / "out2", cfg, workers=0, progress=False)
+    with pytest.raises(FeatureError, match="holds the source shards"):
+        precompute_features(str(shards / "val"), shards / "val", cfg, workers=0, progress=False)
+    with pytest.raises(FeatureError, match="holds image shards"):
+        precompute_features(str(tmp_path / "src"), shards / "train", cfg, workers=0, progress=False)
+    assert json.loads((shards / "train" / "manifest.json").read_text()).get("features") is None  # untouched
+
+
+def test_feature_tars_without_their_manifest_are_refused_not_trained_unchecked(data, tmp_path):
+    """Feature tars copied without manifest.json carry no record of their tower: the loader and the
+    evaluation refuse them, naming the fix, instead of feeding unchecked tokens to the model."""
+    import shutil
+
+    from vlm_dist.data.loader import build_loader
+    from vlm_dist.infer.evaluate import EvalDataError, iter_shard_samples
+
+    _, feat = data
+    shutil.copytree(feat / "val", tmp_path / "copy", ignore=shutil.ignore_patterns("manifest.json"))
+    loader = build_loader(load_config("tiny", FROZEN), str(tmp_path / "copy"), rank=0, world_size=1, micro_batch=4,
+                          train=False)
+    with pytest.raises(ValueError, match="no features record.*manifest included"):
+        next(iter(loader))
+    with pytest.raises(EvalDataError, match="has no .jpg"):
+        next(iter_shard_samples(str(tmp_path / "copy")))
+
+
+def test_features_of_another_activation_or_size_are_refused():
+    from vlm_dist.data.features import check_features
+
+    vision = load_config("tiny", FROZEN).model.vision
+    record = {"model_name": vision.model_name, "image_size": vision.geometry["image_size"], "quick_gelu": False,
+              "fingerprint": "f"}
+    check_features(record, vision, "f")  # fits
+    for key, value in (("quick_gelu", True), ("image_size", 64), ("model_name", "ViT-B-32")):
+        with pytest.raises(FeatureError, match="made by tower"):
+            check_features({**record, key: value}, vision)
+    with pytest.raises(FeatureError, match="other weights"):
+        check_features(record, vision, "g")

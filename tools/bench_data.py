@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
         lines += [f"feature shards: `precompute_features` (ViT-B-32, random frozen weights, bf16, 2 decoding processes, "
                   f"this CPU) {made['samples']} images in {made_s:.1f} s ({made['samples'] / made_s:.1f} images/s), "
                   f"{made['bytes'] / made['samples'] / 1024:.1f} KiB per sample (the JPEG shards: "
-                  f"{sum(f.stat().st_size for f in shards.glob('*.tar')) / made['samples'] / 1024:.1f} KiB)", ""]
+                  f"{sum(f.stat().st_size for f in shards.glob('*.tar')) / made['samples'] / 1024:.1f} KiB, "
+                  f"--resize 224: {sum(f.stat().st_size for f in shards224.glob('*.tar')) / made['samples'] / 1024:.1f} "
+                  f"KiB; tar members and JSON included)", ""]
     if "damage" in args.parts:
         from benchlib.damage import damage_table
 

@@ -52,7 +52,8 @@ def load_images(model, shards: str | None, scenes: int) -> torch.Tensor:
         from vlm_dist.infer.evaluate import iter_shard_samples
 
         to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
-        return torch.stack([to_tensor(jpg) for _, jpg, _ in iter_shard_samples(shards, scenes)])
+        return torch.stack([x if isinstance(x, torch.Tensor) else to_tensor(x)  # feature shards: tower tokens
+                            for _, x, _ in iter_shard_samples(shards, scenes)])
     from train_quick import demo_samples  # tools/ is on sys.path when this file runs as a script
 
     return torch.stack([im for im, _, _ in demo_samples(scenes, seed=12345, side=model.cfg.vision.geometry["image_size"])])

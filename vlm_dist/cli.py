@@ -416,6 +416,7 @@ def eval_cmd(
 ) -> None:
     """Caption every image and answer every question; report exact match, VQA accuracy per question type,
     and COCO caption metrics (pycocoevalcap's official pipeline when Java is installed)."""
+    from vlm_dist.data.features import FeatureError
     from vlm_dist.data.manifest import ShardSpecError
     from vlm_dist.infer.evaluate import EvalDataError, evaluate_generation, format_metrics, write_results
     from vlm_dist.infer.load import ExportError, load_exported
@@ -426,7 +427,7 @@ def eval_cmd(
             _note_no_drafts(cfg.n_future)
         result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      speculative=speculative)
-    except (ExportError, ShardSpecError, EvalDataError) as err:
+    except (ExportError, ShardSpecError, EvalDataError, FeatureError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     write_results(result, out)

@@ -40,7 +40,7 @@ def make_photo_shards(root: Path, n: int, workers: int = 1, shard_size: int = 64
 def loader_throughput(cfg, shards: Path, workers: int, micro: int, max_batches: int | None = None) -> dict:
     from vlm_dist.data.loader import build_loader
 
-    from vlm_dist.data.samples import normalize_images
+    from vlm_dist.data.samples import is_pixels, normalize_images
 
     loader = build_loader(cfg, str(shards), rank=0, world_size=1, micro_batch=micro, train=True, num_workers=workers)
     loader.set_epoch(0)
@@ -54,7 +54,7 @@ def loader_throughput(cfg, shards: Path, workers: int, micro: int, max_batches: 
         last = now
         batches += 1
         assert batch["images"].shape[0] == micro
-        if batch["images"].dtype == torch.uint8:  # the model's float input, as the trainer makes it (on the CPU here)
+        if is_pixels(batch["images"]):  # the model's float input, as the trainer makes it (on the CPU here)
             assert normalize_images(batch["images"], size).dtype == torch.float32
         if max_batches and batches >= max_batches:
             break

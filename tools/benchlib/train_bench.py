@@ -154,7 +154,7 @@ class TrainBench:
         self.trainable = None  # trainable parameters (elements), known once an engine is built
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.peak = peak_flops(device)
-        self.batches: dict[int, tuple] = {}
+        self.batches: dict[tuple[int, bool], tuple] = {}  # (micro, features) -> (data, counts)
         self.probe = MemoryProbe(device)
 
     def get_engine(self):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import time
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -88,21 +89,22 @@ def features_record(shards: list[Shard]) -> dict | None:
     return next(iter(records.values()), None)
 
 
-def check_features(record: dict | None, vision_cfg, tower: torch.nn.Module | None = None) -> None:
+def check_features(record: dict | None, vision_cfg, fingerprint: str | None = None) -> None:
     """Refuse feature shards (`record`, features_record's) that the model cannot use in place of its tower:
-    a tower that trains (its output would change, the stored one cannot), another architecture or image
-    size, or (given the model's `tower`) other weights."""
+    a tower that trains (its output would change, the stored one cannot), another architecture, activation
+    or image size, or (given the `fingerprint` of the model's tower) other weights."""
     if record is None:
         return
     if not vision_cfg.freeze:
         raise FeatureError("the shards hold precomputed tower features, but model.vision.freeze=false would train the "
                            "tower, which they bypass: set model.vision.freeze=true, or train on the image shards")
-    want = {"model_name": vision_cfg.model_name, "image_size": vision_cfg.geometry["image_size"]}
+    want = {"model_name": vision_cfg.model_name, "image_size": vision_cfg.geometry["image_size"],
+            "quick_gelu": bool(vision_cfg.quick_gelu)}
     got = {k: record.get(k) for k in want}
     if got != want:
         raise FeatureError(f"the feature shards were made by tower {got}, the model has {want}: rerun "
                            f"`vlm-dist precompute-features` with this run's config")
-    if tower is not None and tower_fingerprint(tower) != record.get("fingerprint"):
+    if fingerprint is not None and fingerprint != record.get("fingerprint"):
         raise FeatureError(f"the feature shards were made by other weights of {vision_cfg.model_name} "
                            f"(pretrained={record.get('pretrained')!r}) than the model's "
                            f"(pretrained={vision_cfg.pretrained!r}): rerun `vlm-dist precompute-features` with "
@@ -146,6 +148,14 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
     shards = resolve_shards(src)
     if features_record(shards) is not None:
         raise FeatureError(f"{src} holds feature shards already; give the image shards they were made from")
+    out = Path(out)
+    sources = {Path(s.url).parent.resolve() for s in shards}
+    if out.resolve() in sources:
+        raise FeatureError(f"--out {out} holds the source shards, which feature shards of the same names would "
+                           f"replace: give another folder")
+    if (out / MANIFEST).is_file() and features_record([Shard(str(out / "x.tar"), 0)]) is None:
+        raise FeatureError(f"--out {out} holds image shards (its {MANIFEST} has no features record): give an "
+                           f"empty folder or one that precompute-features wrote")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -156,11 +166,10 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
     torch.manual_seed(cfg.train.seed)  # as the trainer seeds its model, whose tower is built first: a random tower
     encoder = VisionEncoder(model_cfg.vision).eval()  # (pretrained null: tests, benchmarks) is then the trainer's
     record = {"format": FORMAT, "model_name": vision.model_name, "pretrained": vision.pretrained, "image_size": size,
-              "tokens": cfg.model.n_image_tokens, "width": encoder.width, "dtype": dtype,
+              "quick_gelu": bool(vision.quick_gelu), "tokens": cfg.model.n_image_tokens, "width": encoder.width, "dtype": dtype,
               "fingerprint": tower_fingerprint(encoder.tower)}
     encoder.to(dev, DTYPES[dtype])
     normalize = ImageToTensor(size).normalize
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     skipped: Counter = Counter()
     bad: list[dict] = []
@@ -172,12 +181,15 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
         for shard in shards:
             raws = []
             for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
+                if EXT in raw:  # a feature sample in shards without the manifest that says so
+                    raise FeatureError(f"{shard.url} holds tower features (.{EXT} members), not images; give the "
+                                       f"image shards they were made from")
                 problem = sample_problem(raw)
                 if problem is None:
                     raws.append(raw)
                 else:
                     skipped[problem] += 1
-            raws.sort(key=lambda r: r["__key__"])  # tar members go in name order (TarWriter)
+            raws.sort(key=lambda r: r["__key__"] + ".")  # the members' name order (TarWriter): "k." < "k-1."
             by_key = {r["__key__"]: r for r in raws}
             if len(by_key) < len(raws):
                 raise FeatureError(f"{shard.url} holds two samples with one key; a feature shard keeps one per key: "
@@ -187,11 +199,7 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
             name = Path(shard.url).name
             with TarWriter(out / name, sync_dir=False) as tar:
                 written = 0
-                while True:
-                    chunk = [next(decoded, None) for _ in range(batch_size)]
-                    chunk = [c for c in chunk if c is not None]
-                    if not chunk:
-                        break
+                while chunk := list(islice(decoded, batch_size)):
                     good = [(k, px) for k, px, why in chunk if px is not None]
                     bad += [{"shard": name, "key": k, "error": why} for k, px, why in chunk if px is None]
                     bar.update(len(chunk))
@@ -213,6 +221,9 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
         if pool is not None:
             pool.terminate()
     skipped["bad_image"] += len(bad)
+    if not any(e["samples"] for e in entries):
+        examples = "; ".join(f"{b['key']}: {b['error']}" for b in bad[:3])
+        raise FeatureError(f"no sample written from {src}: skipped {dict(skipped)}" + (f" (e.g. {examples})" if bad else ""))
     summary = {"shards": len(entries), "samples": sum(e["samples"] for e in entries),
                "skipped": dict(sorted((k, v) for k, v in skipped.items() if v)), "bad_images": bad,
                "bytes": sum(e["bytes"] for e in entries), "device": str(dev), "dtype": dtype,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
-from vlm_dist.data.samples import wanted_member
+from vlm_dist.data.samples import IMAGE_MEMBERS, wanted_member
 
 INDEX_FORMAT = "vlm-dist/indexed-shards/1"
 REASONS = ("missing_image", "missing_caption", "bad_json")
@@ -31,7 +31,7 @@ REASONS = ("missing_image", "missing_caption", "bad_json")
 
 def sample_problem(raw: dict) -> str | None:
     """None if a raw sample (extension -> bytes, as webdataset yields it) can be trained on, else why not."""
-    if "jpg" not in raw and "safetensors" not in raw:  # a JPEG, or a feature shard's tower tokens
+    if not any(m in raw for m in IMAGE_MEMBERS):  # a JPEG, or a feature shard's tower tokens
         return "missing_image"
     meta = None
     if "json" in raw:
@@ -64,7 +64,7 @@ def _samples(path: Path):
                 if current is not None:
                     yield current
                 current = {"__key__": key}
-            current[ext] = b"" if ext in ("jpg", "safetensors") else tar.extractfile(info).read()
+            current[ext] = b"" if ext in IMAGE_MEMBERS else tar.extractfile(info).read()
         if current is not None:
             yield current
 

@@ -7,7 +7,8 @@
             ...
 
 A batch is a dict: images uint8 (B, 3, H, W), the tower's crop (samples.normalize_images makes them
-its float input; the trainer does it on the device); input_ids long (B, T) with T = max_text_len - 1;
+its float input; the trainer does it on the device), or from feature shards (data/features.py) the frozen
+tower's tokens (B, P, W) in their stored dtype; input_ids long (B, T) with T = max_text_len - 1;
 targets long (B, n_future, T); keys, image_ids, kinds ("caption" | "qa"), questions (str | None),
 references (all captions of the image, or [answer]) as lists; is_pad bool (B,) marks padding repeats
 (exclude them from evaluation); truncated bool (B,) marks cut targets.
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.epochs import EpochPlan, Segment, batches_consumed, rng_for
+from vlm_dist.data.features import features_record
 from vlm_dist.data.index import sample_problem
 from vlm_dist.data.manifest import Shard, resolve_shards
 from vlm_dist.data.samples import SamplePreparer, collate, wanted_member
@@ -81,6 +83,7 @@ class ShardStream(IterableDataset):
         self.cfg, self.plan, self.rank, self.n_workers = cfg, plan, rank, n_workers
         self.micro_batch, self.train, self.seed = micro_batch, train, seed
         self.resampled = train and cfg.data.resampled
+        self.features = features_record(plan.shards) is not None  # the manifests say: tower tokens, not JPEGs
         self.epoch, self.skip_batches = 0, 0
 
     def _slot_batches(self, epoch: int, worker: int, skip_samples: int, prep: SamplePreparer):
@@ -110,7 +113,7 @@ class ShardStream(IterableDataset):
         # stream skip % W: DataLoader worker i therefore plays stream (i + skip) % W. Its j-th batch is
         # then the rank's batch skip + j, also across resampled virtual epochs (W divides their length).
         worker = ((info.id if info is not None else 0) + skip) % self.n_workers
-        prep = SamplePreparer(self.cfg, self.seed)
+        prep = SamplePreparer(self.cfg, self.seed, features=self.features)
         while True:
             consumed = batches_consumed(skip, worker, self.n_workers)
             yield from self._slot_batches(epoch, worker, consumed * self.micro_batch, prep)

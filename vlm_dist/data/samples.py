@@ -90,7 +90,9 @@ def draw_turns(pairs: list, rng, turns: int) -> list:
 class SamplePreparer:
     """Callable turning one raw webdataset sample (bytes per extension) into one prepared sample."""
 
-    def __init__(self, cfg: RunConfig, seed: int):
+    def __init__(self, cfg: RunConfig, seed: int, features: bool = False):
+        """features: the shards' manifests say their samples hold tower tokens (data/features.py), not JPEGs."""
+        self.features = features
         self.image_size = cfg.model.vision.geometry["image_size"]
         self.to_tensor = ImageToTensor(self.image_size)
         self.feature_shape = (cfg.model.n_image_tokens, cfg.model.vision.geometry["width"])
@@ -103,8 +105,14 @@ class SamplePreparer:
 
     def __call__(self, raw: dict, epoch: int) -> dict:
         key, url = raw["__key__"], raw.get("__url__")
+        if (FEATURES in raw) != self.features and any(m in raw for m in IMAGE_MEMBERS):
+            raise ValueError(f"sample {key!r} in {url} holds " + (
+                f"tower features (.{FEATURES}) but its shards' manifest.json has no features record (copied without "
+                f"it, or rewritten by index-shards): train on the folder precompute-features wrote, manifest included"
+                if FEATURES in raw else "a .jpg but its shards' manifest.json says tower features: the folder mixes "
+                "image and feature shards; keep them apart"))
         if not any(m in raw for m in IMAGE_MEMBERS) or ("json" not in raw and "txt" not in raw):
-            raise ValueError(f"sample {key!r} in {url} lacks a .jpg, or both .json and .txt; write shards with "
+            raise ValueError(f"sample {key!r} in {url} lacks an image (.jpg or .{FEATURES}), or both .json and .txt; write shards with "
                              f"`vlm-dist shard-coco` or index them with `vlm-dist index-shards`")
         meta = json.loads(raw["json"]) if "json" in raw else {}  # img2dataset: caption in .txt
         captions = list(meta.get("captions") or [])
@@ -152,6 +160,12 @@ class SamplePreparer:
         raise ValueError(f"data.max_text_len={self.max_len} is too short for any question prompt; raise it")
 
 
+def is_pixels(images: torch.Tensor) -> bool:
+    """A batch's images are uint8 pixels (B, 3, H, W) to normalise and encode, not the frozen tower's
+    precomputed tokens (B, P, W) from feature shards (data/features.py)."""
+    return images.dtype == torch.uint8
+
+
 def normalize_images(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """A batch's images (B, 3, S, S) uint8 (any device) -> the model's float32 input (ImageToTensor.normalize)."""
     return _image_to_tensor(size).normalize(pixels)
@@ -187,7 +201,7 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
 
 
 def _stack(samples: list[dict], shared: bool) -> torch.Tensor:
-    """torch.stack of the samples' uint8 images; in a DataLoader worker straight into shared memory (as
+    """torch.stack of the samples' images (uint8 pixels, or tower tokens); in a DataLoader worker straight into shared memory (as
     torch's default_collate does), so sending the batch to the main process copies it no more."""
     first = samples[0]["image"]
     out = torch.empty((len(samples), *first.shape), dtype=first.dtype)

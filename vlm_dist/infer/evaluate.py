@@ -33,26 +33,29 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
 
-def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[str, bytes, dict]]:
+def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[str, bytes | torch.Tensor, dict]]:
     """(key, image, metadata) of each image in the shards, in manifest order. image: the .jpg bytes, or in
-    feature shards (data/features.py) the frozen tower's (P, W) tokens."""
+    feature shards (data/features.py, as their manifest says) the frozen tower's (P, W) tokens."""
     import webdataset as wds
 
+    from vlm_dist.data.features import EXT, decode, features_record
     from vlm_dist.data.manifest import resolve_shards
-    from vlm_dist.data.features import EXT, decode
     from vlm_dist.data.samples import wanted_member
 
+    found = resolve_shards(shards)
+    member = EXT if features_record(found) is not None else "jpg"  # what every sample must hold
     n = 0
-    for shard in resolve_shards(shards):
+    for shard in found:
         for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
             if limit is not None and n >= limit:
                 return
-            if "json" not in raw or ("jpg" not in raw and EXT not in raw):
+            if "json" not in raw or member not in raw:
                 raise EvalDataError(
-                    f"sample {raw['__key__']} of {shard.url} has no {'.json' if 'json' not in raw else '.jpg'}: "
+                    f"sample {raw['__key__']} of {shard.url} has no {'.json' if 'json' not in raw else '.' + member}: "
                     f"evaluation needs each image's image_id, captions and Q&A, as `vlm-dist shard-coco` writes them "
-                    f"(img2dataset shards train, but cannot be scored)")
-            image = decode(raw[EXT], raw["__key__"], shard.url) if EXT in raw else raw["jpg"]
+                    f"(img2dataset shards train, but cannot be scored), and the image its manifest promises (.jpg, "
+                    f"or with a features record .{EXT})")
+            image = decode(raw[EXT], raw["__key__"], shard.url) if member == EXT else raw["jpg"]
             yield raw["__key__"], image, json.loads(raw["json"])
             n += 1
 

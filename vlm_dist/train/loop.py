@@ -24,7 +24,7 @@ from dataclasses import asdict
 import torch
 
 from vlm_dist.config import RunConfig
-from vlm_dist.data.samples import normalize_images
+from vlm_dist.data.samples import is_pixels, normalize_images
 from vlm_dist.observe.flops import memory_metrics, throughput_metrics, train_flops
 from vlm_dist.observe.tokens import EvalRecorder
 from vlm_dist.text import IGNORE_INDEX
@@ -52,7 +52,7 @@ def to_device(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.
     # open_clip's transform does; the engine casts the module to bf16/fp16, not the inputs: images must
     # follow. Token ids stay integer.
     images = batch["images"].to(dev, non_blocking=True)
-    if images.dtype == torch.uint8:  # pixels; else the tower's precomputed tokens (data/features.py)
+    if is_pixels(images):  # else the frozen tower's precomputed tokens (data/features.py)
         images = normalize_images(images, run.cfg.model.vision.geometry["image_size"])
     if batch.get("poisoned"):  # test hook (RunOptions.poison): NaN images, made after the uint8 -> float step
         images = images * float("nan")
@@ -73,7 +73,7 @@ def micro_batch_flops(run: Run, batch: dict) -> float:
     B, T = batch["input_ids"].shape
     n_targets = int((batch["targets"] != IGNORE_INDEX).sum())  # over all heads: the LM head runs only there
     return train_flops(run.cfg.model, run.engine.module.vocab_size, B, T, n_targets,
-                       tower=batch["images"].dtype == torch.uint8)  # else precomputed features: no tower forward
+                       tower=is_pixels(batch["images"]))  # else precomputed features: no tower forward
 
 
 def next_batches(run: Run, batches) -> tuple[list[dict], float]:
@@ -221,8 +221,8 @@ def evaluate(run: Run, max_batches: int | None = None, recorder: EvalRecorder | 
             sums[2 + 2 * k] += int(((pred[:, k] == targets[:, k]) & valid[:, k]).sum())
             sums[3 + 2 * k] += int(valid[:, k].sum())
         if recorder is not None:
-            pixels = batch["images"] if batch["images"].dtype == torch.uint8 else None  # None: tower features
-            recorder.add(None if pixels is None else normalize_images(pixels, images.shape[-1]), targets, pred, keep)
+            pixels = normalize_images(batch["images"], images.shape[-1]) if is_pixels(batch["images"]) else None
+            recorder.add(pixels, targets, pred, keep)  # float32 on the host; None: tower features, no picture
     engine.train()
     extra = recorder.position_counts() if recorder is not None else torch.zeros(0, dtype=torch.float64)
     total = all_reduce_sum(torch.cat([sums, extra.flatten()]), run.info.device)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vlm_dist.config import ConfigError, RunConfig, save_config
-from vlm_dist.data.features import FeatureError, check_features, features_record
+from vlm_dist.data.features import FeatureError, check_features, features_record, tower_fingerprint
 from vlm_dist.data.loader import build_loader
 from vlm_dist.data.manifest import resolve_shards
 from vlm_dist.model import VLM
@@ -128,15 +128,17 @@ def _universal_copy(where: ckpt.ResumePoint, info: DistInfo) -> str:
 def _check_feature_shards(cfg: RunConfig, shards: list, model: VLM) -> str | None:
     """Refuse feature shards (data/features.py) the model cannot take in place of its tower's output (a tower
     that trains, another tower or other weights); a line for the log if the train or val shards hold some."""
-    notes = []
+    notes, fingerprint = [], None
     for what, found in (("train", shards), ("val", resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else [])):
         record = features_record(found)
+        if record is None:
+            continue
+        fingerprint = fingerprint or tower_fingerprint(model.vision.tower)  # once: ~0.3 s at base
         try:
-            check_features(record, cfg.model.vision, model.vision.tower)
+            check_features(record, cfg.model.vision, fingerprint)
         except FeatureError as err:
             raise ConfigError(f"{what} shards: {err}") from None
-        if record is not None:
-            notes.append(f"{what} shards hold precomputed tower features ({record['dtype']}): the tower does not run on them")
+        notes.append(f"{what} shards hold precomputed tower features ({record['dtype']}): the tower does not run on them")
     return "; ".join(notes) or None
 
 
