@@ -15,9 +15,9 @@
 #                                                                       so none of Karpathy val/test leaks in)
 # The `base` preset loads OpenAI's ViT-B-32 weights from the Hugging Face hub: local rank 0 downloads
 # them once into the HF cache (HF_HOME); offline, pass --set model.vision.pretrained=/path/to/open_clip_checkpoint.
-# Rerunning continues: finished shards are kept (shard-coco), and so are finished feature folders (FEATURES=1;
-# the trainer refuses them if they no longer fit its tower), training resumes from its newest checkpoint
-# (--resume auto), the export and the evaluation are redone.
+# Rerunning continues: finished shards are kept (shard-coco, and precompute-features for FEATURES=1 when
+# made from the same shards by the same tower), training resumes from its newest checkpoint (--resume auto),
+# the export and the evaluation are redone.
 set -euo pipefail
 
 # ---- what a user edits (each may also be set in the environment) -------------------------------
@@ -73,10 +73,6 @@ if [[ "$FEATURES" == 1 ]]; then
     if [[ "${ARGS[i]}" == --set && "${ARGS[i+1]}" == model.* ]]; then SETS+=(--set "${ARGS[i+1]}"); fi
   done
   for split in train val; do
-    if [[ -f "$SHARDS/features_$split/manifest.json" ]]; then  # a rerun: the trainer checks they fit its tower
-      echo "keeping $SHARDS/features_$split (delete it to recompute)" >&2
-      continue
-    fi
     "${VD[@]}" precompute-features --shards "$SHARDS/$split" --out "$SHARDS/features_$split" --config "$CONFIG" \
       "${SETS[@]}" --workers "$WORKERS"
   done

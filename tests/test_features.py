@@ -233,3 +233,30 @@ def test_features_of_another_activation_or_size_are_refused():
             check_features({**record, key: value}, vision)
     with pytest.raises(FeatureError, match="other weights"):
         check_features(record, vision, "g")
+
+
+def test_a_rerun_keeps_finished_feature_shards_and_redoes_changed_ones(data, tmp_path):
+    """precompute-features into a folder it wrote before: shards made from the same source files by the same
+    tower are kept (not recomputed); one whose source changed, or whose bytes were damaged, is written again."""
+    import os
+    import shutil
+
+    shards, _ = data
+    cfg = load_config("tiny", FROZEN)
+    shutil.copytree(shards / "train", tmp_path / "src")
+    first = precompute_features(str(tmp_path / "src"), tmp_path / "out", cfg, workers=0, progress=False)
+    tars = sorted((tmp_path / "out").glob("*.tar"))
+    before = {t.name: t.read_bytes() for t in tars}
+    again = precompute_features(str(tmp_path / "src"), tmp_path / "out", cfg, workers=0, progress=False)
+    assert first["kept"] == 0 and again["kept"] == len(tars) == 2 and again["samples"] == first["samples"] == 32
+    src0 = tmp_path / "src" / tars[0].name
+    os.utime(src0, ns=(src0.stat().st_atime_ns, src0.stat().st_mtime_ns + 10**9))  # the source changed (its time)
+    with open(tars[1], "r+b") as f:  # a damaged output shard
+        f.seek(700)
+        f.write(b"\x00\x01")
+    third = precompute_features(str(tmp_path / "src"), tmp_path / "out", cfg, workers=0, progress=False)
+    assert third["kept"] == 0 and third["samples"] == 32
+    assert {t.name: t.read_bytes() for t in tars} == before  # rewritten, to the same bytes
+    other = precompute_features(str(tmp_path / "src"), tmp_path / "out", load_config("tiny", [*FROZEN, "train.seed=1"]),
+                                workers=0, progress=False)
+    assert other["kept"] == 0  # another tower's weights: nothing kept

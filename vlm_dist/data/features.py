@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vlm_dist.data.manifest import MANIFEST, Shard, ShardSpecError, resolve_shards
-from vlm_dist.data.tario import TarWriter, write_json_atomic
+from vlm_dist.data.tario import TarWriter, file_sha256, write_json_atomic
 
 EXT = "safetensors"  # the member that holds a sample's tokens (safetensors: no pickle, shape and dtype inside)
 FORMAT = "vlm-dist/tower-features/1"
@@ -122,18 +122,81 @@ def _pixels(item: tuple[str, bytes, int]) -> tuple[str, bytes | None, str | None
         return key, None, f"{type(err).__name__}: {err}"
 
 
+def _kept(tar: Path, stats_path: Path, made_from: dict) -> dict | None:
+    """The entry of a feature shard an earlier run finished from the same source file and tower, with its
+    bytes intact, else None (it is written again)."""
+    if not (tar.is_file() and stats_path.is_file()):
+        return None
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(stats.get(k) != v for k, v in made_from.items()) or stats.get("bytes") != tar.stat().st_size:
+        return None
+    return stats if file_sha256(tar) == stats.get("sha256") else None
+
+
+def _write_shard(url: str, out: Path, pool, encoder, normalize, size: int, dtype: torch.dtype, dev: torch.device,
+                 batch_size: int, bar) -> dict:
+    """One source shard's feature shard: its samples in the members' name order, tokens for the .jpg."""
+    import webdataset as wds
+
+    from vlm_dist.data.index import sample_problem
+    from vlm_dist.data.samples import wanted_member
+
+    raws, skipped, bad = [], Counter(), []
+    for raw in wds.tarfile_samples([{"url": url}], select_files=wanted_member):
+        if EXT in raw:  # a feature sample in shards without the manifest that says so
+            raise FeatureError(f"{url} holds tower features (.{EXT} members), not images; give the image shards "
+                               f"they were made from")
+        problem = sample_problem(raw)
+        if problem is None:
+            raws.append(raw)
+        else:
+            skipped[problem] += 1
+    raws.sort(key=lambda r: r["__key__"] + ".")  # the members' name order (TarWriter): "k." < "k-1."
+    by_key = {r["__key__"]: r for r in raws}
+    if len(by_key) < len(raws):
+        raise FeatureError(f"{url} holds two samples with one key; a feature shard keeps one per key: rewrite the "
+                           f"source shards (vlm-dist shard-coco writes unique keys)")
+    items = [(r["__key__"], r["jpg"], size) for r in raws]
+    decoded = pool.imap(_pixels, items, chunksize=16) if pool else map(_pixels, items)
+    name = Path(url).name
+    written = 0
+    with TarWriter(out / name, sync_dir=False) as tar:
+        while chunk := list(islice(decoded, batch_size)):
+            good = [(k, px) for k, px, why in chunk if px is not None]
+            bad += [{"shard": name, "key": k, "error": why} for k, px, why in chunk if px is None]
+            bar.update(len(chunk))
+            if not good:
+                continue
+            pixels = torch.stack([torch.frombuffer(bytearray(px), dtype=torch.uint8).view(size, size, 3)
+                                  for _, px in good]).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                tokens = encoder(normalize(pixels.to(dev)).to(dtype)).cpu()
+            for (key, _), t in zip(good, tokens):
+                members = {ext: by_key[key][ext] for ext in ("json", "txt") if ext in by_key[key]}
+                members[EXT] = encode(t)
+                for ext in sorted(members):  # json < safetensors < txt: the name order TarWriter needs
+                    tar.add(f"{key}.{ext}", members[ext])
+                written += 1
+    skipped["bad_image"] += len(bad)
+    return {"name": name, "samples": written, "bytes": tar.size, "sha256": tar.sha256,
+            "skipped": {k: v for k, v in skipped.items() if v}, "bad_images": bad}
+
+
 def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, workers: int = 4,
                         dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
     """Run cfg.model.vision's frozen tower over the image shards `src`; write feature shards (same names,
     same samples in key order, tokens instead of JPEGs) and their manifest into `out`. Samples the loader
-    would skip, and images that fail to decode, are counted and listed in the summary."""
+    would skip are counted, images that fail to decode counted and listed, in the summary. A rerun into the
+    same folder keeps the shards an earlier run finished from the same source files and tower (a
+    NAME.tar.features.json beside each records what made it)."""
     import multiprocessing as mp
 
-    import webdataset as wds
     from tqdm import tqdm
 
-    from vlm_dist.data.index import sample_problem
-    from vlm_dist.data.samples import ImageToTensor, wanted_member
+    from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.data.shard import MANIFEST_FORMAT
     from vlm_dist.model.vision import VisionEncoder
     from vlm_dist.train.weights import fetch_once
@@ -171,64 +234,42 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
     encoder.to(dev, DTYPES[dtype])
     normalize = ImageToTensor(size).normalize
     out.mkdir(parents=True, exist_ok=True)
-    skipped: Counter = Counter()
-    bad: list[dict] = []
-    entries = []
+    entries, kept = [], 0
     bar = tqdm(total=sum(s.samples for s in shards), unit="img", desc="tower features", disable=not progress)
     # spawned, not forked: a fork would copy this process's CUDA context, which a child cannot use
     pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
     try:
         for shard in shards:
-            raws = []
-            for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
-                if EXT in raw:  # a feature sample in shards without the manifest that says so
-                    raise FeatureError(f"{shard.url} holds tower features (.{EXT} members), not images; give the "
-                                       f"image shards they were made from")
-                problem = sample_problem(raw)
-                if problem is None:
-                    raws.append(raw)
-                else:
-                    skipped[problem] += 1
-            raws.sort(key=lambda r: r["__key__"] + ".")  # the members' name order (TarWriter): "k." < "k-1."
-            by_key = {r["__key__"]: r for r in raws}
-            if len(by_key) < len(raws):
-                raise FeatureError(f"{shard.url} holds two samples with one key; a feature shard keeps one per key: "
-                                   f"rewrite the source shards (vlm-dist shard-coco writes unique keys)")
-            items = [(r["__key__"], r["jpg"], size) for r in raws]
-            decoded = pool.imap(_pixels, items, chunksize=16) if pool else map(_pixels, items)
-            name = Path(shard.url).name
-            with TarWriter(out / name, sync_dir=False) as tar:
-                written = 0
-                while chunk := list(islice(decoded, batch_size)):
-                    good = [(k, px) for k, px, why in chunk if px is not None]
-                    bad += [{"shard": name, "key": k, "error": why} for k, px, why in chunk if px is None]
-                    bar.update(len(chunk))
-                    if not good:
-                        continue
-                    pixels = torch.stack([torch.frombuffer(bytearray(px), dtype=torch.uint8).view(size, size, 3)
-                                          for _, px in good]).permute(0, 3, 1, 2)
-                    with torch.no_grad():
-                        tokens = encoder(normalize(pixels.to(dev)).to(DTYPES[dtype])).cpu()
-                    for (key, _), t in zip(good, tokens):
-                        members = {ext: by_key[key][ext] for ext in ("json", "txt") if ext in by_key[key]}
-                        members[EXT] = encode(t)
-                        for ext in sorted(members):  # json < safetensors < txt: the name order TarWriter needs
-                            tar.add(f"{key}.{ext}", members[ext])
-                        written += 1
-            entries.append({"name": name, "samples": written, "bytes": tar.size, "sha256": tar.sha256})
+            source = Path(shard.url).stat()
+            made_from = {"source": shard.url, "source_bytes": source.st_size, "source_mtime_ns": source.st_mtime_ns,
+                         "record": record}
+            stats_path = out / f"{Path(shard.url).name}.features.json"
+            entry = _kept(out / Path(shard.url).name, stats_path, made_from)
+            if entry is None:
+                entry = _write_shard(shard.url, out, pool, encoder, normalize, size, DTYPES[dtype], dev, batch_size, bar)
+                # not fsync'ed: a rerun keeps a shard only if this file matches AND the tar's bytes match its sha256
+                write_json_atomic(stats_path, {**made_from, **entry}, durable=False)
+            else:
+                kept += 1
+                bar.update(shard.samples)
+            entries.append(entry)
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    skipped["bad_image"] += len(bad)
+    bad = [b for e in entries for b in e["bad_images"]]
+    skipped = Counter()
+    for e in entries:
+        skipped.update(e["skipped"])  # bad_image included
     if not any(e["samples"] for e in entries):
         examples = "; ".join(f"{b['key']}: {b['error']}" for b in bad[:3])
         raise FeatureError(f"no sample written from {src}: skipped {dict(skipped)}" + (f" (e.g. {examples})" if bad else ""))
-    summary = {"shards": len(entries), "samples": sum(e["samples"] for e in entries),
+    summary = {"shards": len(entries), "kept": kept, "samples": sum(e["samples"] for e in entries),
                "skipped": dict(sorted((k, v) for k, v in skipped.items() if v)), "bad_images": bad,
                "bytes": sum(e["bytes"] for e in entries), "device": str(dev), "dtype": dtype,
                "elapsed_s": round(time.time() - t0, 3)}
-    write_json_atomic(out / MANIFEST, {"format": MANIFEST_FORMAT, "split": None, "shards": entries,
+    shard_list = [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries]
+    write_json_atomic(out / MANIFEST, {"format": MANIFEST_FORMAT, "split": None, "shards": shard_list,
                                        "features": record, "source": str(src)})
     write_json_atomic(out / "summary.json", summary)
     return summary
