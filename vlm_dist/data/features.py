@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vlm_dist.data.manifest import MANIFEST, Shard, ShardSpecError, resolve_shards
-from vlm_dist.data.tario import TarWriter, file_sha256, write_json_atomic
+from vlm_dist.data.tario import TarWriter, kept_stats, write_json_atomic
 
 EXT = "safetensors"  # the member that holds a sample's tokens (safetensors: no pickle, shape and dtype inside)
 FORMAT = "vlm-dist/tower-features/1"
@@ -120,20 +120,6 @@ def _pixels(item: tuple[str, bytes, int]) -> tuple[str, bytes | None, str | None
         return key, model_pixels(raw, size).tobytes(), None
     except Exception as err:  # PIL raises many types for a bad image; counted and reported, never fatal
         return key, None, f"{type(err).__name__}: {err}"
-
-
-def _kept(tar: Path, stats_path: Path, made_from: dict) -> dict | None:
-    """The entry of a feature shard an earlier run finished from the same source file and tower, with its
-    bytes intact, else None (it is written again)."""
-    if not (tar.is_file() and stats_path.is_file()):
-        return None
-    try:
-        stats = json.loads(stats_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if any(stats.get(k) != v for k, v in made_from.items()) or stats.get("bytes") != tar.stat().st_size:
-        return None
-    return stats if file_sha256(tar) == stats.get("sha256") else None
 
 
 def _write_shard(url: str, out: Path, pool, encoder, normalize, size: int, dtype: torch.dtype, dev: torch.device,
@@ -244,7 +230,7 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
             made_from = {"source": shard.url, "source_bytes": source.st_size, "source_mtime_ns": source.st_mtime_ns,
                          "record": record}
             stats_path = out / f"{Path(shard.url).name}.features.json"
-            entry = _kept(out / Path(shard.url).name, stats_path, made_from)
+            entry = kept_stats(out / Path(shard.url).name, stats_path, made_from)  # a rerun: finished before?
             if entry is None:
                 entry = _write_shard(shard.url, out, pool, encoder, normalize, size, DTYPES[dtype], dev, batch_size, bar)
                 # not fsync'ed: a rerun keeps a shard only if this file matches AND the tar's bytes match its sha256

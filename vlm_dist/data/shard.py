@@ -34,7 +34,7 @@ from pathlib import Path
 
 from vlm_dist.data.coco import AnnotationFileError, Collection, ImageRecord, read_caption_file, read_vqa
 from vlm_dist.data.images import VERIFY_LEVELS, ImageReject, check_image
-from vlm_dist.data.tario import TarWriter, file_sha256, is_temp, write_bytes_atomic, write_json_atomic
+from vlm_dist.data.tario import TarWriter, is_temp, kept_stats, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vlm-dist/webdataset-shards/1"
@@ -147,16 +147,7 @@ def _write_shard_indexed(task: dict) -> tuple[int, int, dict]:
 
 def _kept_stats(task: dict) -> dict | None:
     """Stats of a shard finished by an earlier run with the same plan and intact bytes, else None."""
-    tar, stats_path = Path(task["tar"]), Path(task["stats"])
-    if not (tar.is_file() and stats_path.is_file()):
-        return None
-    try:
-        stats = json.loads(stats_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if stats.get("plan_hash") != task["plan_hash"] or stats.get("bytes") != tar.stat().st_size:
-        return None
-    return stats if file_sha256(tar) == stats.get("sha256") else None
+    return kept_stats(Path(task["tar"]), Path(task["stats"]), {"plan_hash": task["plan_hash"]})
 
 
 def _read_inputs(images: Path, ann: list[Path], vqa: tuple[Path, Path] | None, log) -> tuple[Collection, ImageIndex]:

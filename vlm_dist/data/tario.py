@@ -153,3 +153,18 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def kept_stats(tar: Path, stats_path: Path, expect: dict) -> dict | None:
+    """The stats file of a tar an earlier run finished, if its fields include `expect` (what made the tar)
+    and the tar's size and SHA-256 are the recorded ones, else None (write it again): how shard-coco and
+    precompute-features resume."""
+    if not (tar.is_file() and stats_path.is_file()):
+        return None
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(stats.get(k) != v for k, v in expect.items()) or stats.get("bytes") != tar.stat().st_size:
+        return None
+    return stats if file_sha256(tar) == stats.get("sha256") else None
