@@ -72,18 +72,20 @@ def decode(raw: bytes, key: str, url: str | None, shape: tuple[int, int] | None 
     return tokens
 
 
+def directory_record(directory: Path) -> dict | None:
+    """The "features" record of a folder's manifest.json: None for image shards or a folder without one."""
+    path = Path(directory) / MANIFEST
+    try:
+        return json.loads(path.read_text()).get("features") if path.is_file() else None
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise ShardSpecError(f"{path} is damaged ({err}); rerun the command that wrote it") from None
+
+
 def features_record(shards: list[Shard]) -> dict | None:
     """The "features" record of the shards' manifests: None for image shards; an error for a mix of image
     and feature shards, or features of different towers."""
-    records = {}
-    for directory in sorted({str(Path(s.url).parent) for s in shards}):
-        path = Path(directory) / MANIFEST
-        try:
-            records[directory] = json.loads(path.read_text()).get("features") if path.is_file() else None
-        except (OSError, json.JSONDecodeError, AttributeError) as err:
-            raise ShardSpecError(f"{path} is damaged ({err}); rerun the command that wrote it") from None
-    kinds = {json.dumps(r, sort_keys=True) for r in records.values()}
-    if len(kinds) > 1:
+    records = {d: directory_record(Path(d)) for d in sorted({str(Path(s.url).parent) for s in shards})}
+    if len({json.dumps(r, sort_keys=True) for r in records.values()}) > 1:
         raise ShardSpecError(f"the shards mix image shards and feature shards, or features of different towers "
                              f"({', '.join(records)}): train on one kind from one tower")
     return next(iter(records.values()), None)
@@ -202,7 +204,7 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
     if out.resolve() in sources:
         raise FeatureError(f"--out {out} holds the source shards, which feature shards of the same names would "
                            f"replace: give another folder")
-    if (out / MANIFEST).is_file() and features_record([Shard(str(out / "x.tar"), 0)]) is None:
+    if (out / MANIFEST).is_file() and directory_record(out) is None:
         raise FeatureError(f"--out {out} holds image shards (its {MANIFEST} has no features record): give an "
                            f"empty folder or one that precompute-features wrote")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

@@ -108,6 +108,8 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     """
     from tqdm import tqdm
 
+    from vlm_dist.data.features import check_features, features_record
+    from vlm_dist.data.manifest import resolve_shards
     from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import decoding, generate
 
@@ -115,9 +117,6 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     tok = get_tokenizer()
     to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
-    from vlm_dist.data.features import check_features, features_record
-    from vlm_dist.data.manifest import resolve_shards
-
     # feature shards: of this tower's name and image size, for a frozen tower (the weights' fingerprint is the
     # trainer's check at start-up: here the weights may be bf16, as a bf16 engine or export holds them)
     check_features(features_record(resolve_shards(shards)), model.cfg.vision)
