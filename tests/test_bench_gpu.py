@@ -93,6 +93,8 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert [r["batch"] for r in dec] == [1, 8]
     for r in dec:
         assert r["identical_rows"] == r["batch"]  # speculative decoding is greedy decoding, row for row
+        assert r["static_identical_rows"] == r["batch"]  # and so are their fixed-shape (CUDA-graph) versions
+        assert r["greedy_static_tokens_s"] > 0 and r["speculative_static_tokens_s"] > 0
         assert r["greedy_tokens"] == r["speculative_tokens"] > 0
 
     table = md.read_text()

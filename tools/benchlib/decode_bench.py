@@ -8,7 +8,9 @@ per call (docs/bench/gpu_round5.md); tokens per call is measured, never assumed.
 the cost of the decoding machinery (greedy: one cached step per token; speculative: one cached verify
 step over n_future draft tokens plus the extra heads) at the model's width, not the speed-up trained
 heads give (tools/bench_decode.py --model EXPORT --shards VAL measures that on a trained export).
-Greedy and speculative runs alternate `repeats` times; medians.
+Greedy and speculative runs alternate `repeats` times, each also with static=True (fixed-shape steps that a
+GPU replays as CUDA graphs, vlm_dist/infer/static.py; the graphs are captured inside each timed decode);
+medians.
 
     prof = profile_decode(model, images, prompt, new_tokens)   # per token: host ops, launches, syncs
 
@@ -27,19 +29,21 @@ import torch
 
 # --- the calls into vlm_dist.infer: keep them here ------------------------------------------------
 
-def greedy(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> list[list[int]]:
-    """Batched KV-cached greedy decoding of B rows: vlm_dist.infer.generate.generate."""
+def greedy(model, images: torch.Tensor, prompt: list[int], new_tokens: int, static: bool = False) -> list[list[int]]:
+    """Batched KV-cached greedy decoding of B rows: vlm_dist.infer.generate.generate (static: fixed-shape
+    steps, a CUDA graph on a GPU: vlm_dist.infer.static)."""
     from vlm_dist.infer.generate import generate
 
-    return generate(model, images, [prompt] * images.shape[0], new_tokens)
+    return generate(model, images, [prompt] * images.shape[0], new_tokens, static=static)
 
 
-def speculative(model, images: torch.Tensor, prompt: list[int], new_tokens: int) -> tuple[list[list[int]], int]:
+def speculative(model, images: torch.Tensor, prompt: list[int], new_tokens: int,
+                static: bool = False) -> tuple[list[list[int]], int]:
     """Batched self-speculative greedy decoding of B rows in one loop -> (ids per row, model calls summed
     over the rows still decoding, so that tokens / calls is the tokens per call of one row)."""
     from vlm_dist.infer.speculative import speculative_generate_batch
 
-    ids, stats = speculative_generate_batch(model, images, [prompt] * images.shape[0], new_tokens)
+    ids, stats = speculative_generate_batch(model, images, [prompt] * images.shape[0], new_tokens, static=static)
     return ids, stats["row_calls"]
 
 
@@ -68,21 +72,31 @@ def bench_decode(model, batches: list[int], new_tokens: int, repeats: int, log=p
         images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(B)).to(device)
         greedy(model, images[:1], prompt, 2)  # warm-up (kernels, allocator)
         speculative(model, images[:1], prompt, 2)
-        g_t, s_t = [], []
+        g_t, s_t, gs_t, ss_t = [], [], [], []
         for _ in range(repeats):
             t, g_ids = _timed(lambda: greedy(model, images, prompt, new_tokens), device)
             g_t.append(t)
             t, (s_ids, calls) = _timed(lambda: speculative(model, images, prompt, new_tokens), device)
             s_t.append(t)
+            # fixed-shape steps (CUDA graphs on a GPU: each decode captures its graphs anew, in the time)
+            t, gs_ids = _timed(lambda: greedy(model, images, prompt, new_tokens, static=True), device)
+            gs_t.append(t)
+            t, (ss_ids, _) = _timed(lambda: speculative(model, images, prompt, new_tokens, static=True), device)
+            ss_t.append(t)
         g_tokens, s_tokens = sum(map(len, g_ids)), sum(map(len, s_ids))
         row = {"batch": B, "new_tokens": new_tokens, "greedy_s": statistics.median(g_t),
                "speculative_s": statistics.median(s_t), "greedy_tokens": g_tokens, "speculative_tokens": s_tokens,
                "greedy_tokens_s": g_tokens / statistics.median(g_t),
                "speculative_tokens_s": s_tokens / statistics.median(s_t),
                "tokens_per_call": s_tokens / max(calls, 1),
-               "identical_rows": sum(a == b for a, b in zip(g_ids, s_ids))}
+               "identical_rows": sum(a == b for a, b in zip(g_ids, s_ids)),
+               "greedy_static_tokens_s": g_tokens / statistics.median(gs_t),
+               "speculative_static_tokens_s": s_tokens / statistics.median(ss_t),
+               "static_identical_rows": sum(a == b == c for a, b, c in zip(g_ids, gs_ids, ss_ids))}
         log(f"  batch {B}: greedy {row['greedy_tokens_s']:.0f} tokens/s, speculative {row['speculative_tokens_s']:.0f} "
-            f"tokens/s ({row['tokens_per_call']:.2f} tokens/call), identical rows {row['identical_rows']}/{B}")
+            f"tokens/s ({row['tokens_per_call']:.2f} tokens/call), identical rows {row['identical_rows']}/{B}; "
+            f"static: greedy {row['greedy_static_tokens_s']:.0f}, speculative {row['speculative_static_tokens_s']:.0f} "
+            f"tokens/s, identical rows {row['static_identical_rows']}/{B}")
         rows.append(row)
     return rows
 

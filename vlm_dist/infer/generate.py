@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from vlm_dist.infer.static import StaticSteps, graphed
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
@@ -50,16 +51,20 @@ def decoding(model):
 @torch.no_grad()
 def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, static: bool = False) -> list[list[int]]:
     """Continue each row's prompt; return the generated ids per row (without the end token).
 
     images (B, 3, H, W) in the model's input transform; prompts: B lists of token ids, each starting
     with <sot>. use_cache=False recomputes the whole sequence every step (the reference for tests).
+    static=True (greedy only): the steps after the prefill run as fixed-shape steps (infer/static.py: a
+    CUDA graph on a GPU).
     """
     tok = get_tokenizer()
     B = images.shape[0]
     if len(prompts) != B or any(not p for p in prompts):
         raise ValueError(f"need one non-empty prompt per image: {B} images, {len(prompts)} prompts")
+    if static and (temperature > 0 or not use_cache):
+        raise ValueError("static=True decodes greedily from the KV cache: temperature 0 and use_cache=True only")
     device = next(model.parameters()).device
     dtype = model.projector.weight.dtype
     images = images.to(device, dtype)
@@ -79,10 +84,20 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
         cache = model.new_cache(B) if use_cache else None
         pos = start
         greedy = temperature <= 0
+        run = lengths = None
 
         def cached_next(ids: torch.Tensor) -> torch.Tensor:
             """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
             the (B, V) logits; sampling: the last position's logits (B, V)."""
+            nonlocal run, lengths
+            if static and cache.lengths[0] > 0:  # after the prefill: one fixed-shape step (every row at one length)
+                if run is None:
+                    lengths = torch.full((B,), cache.lengths[0], device=device)
+                    run = graphed(StaticSteps(model, cache).greedy, ids, lengths)
+                nxt = run(ids, lengths)
+                cache.advance(1)
+                lengths.add_(1)
+                return nxt
             states = model.step_states(ids, cache, images=images if cache.lengths[0] == 0 else None, next_token_only=True)
             return model.greedy_ids(states[0][:, -1]) if greedy else model.lm_head(states[0][:, -1])
 

@@ -25,16 +25,19 @@ from __future__ import annotations
 import torch
 
 from vlm_dist.infer.generate import decoding
+from vlm_dist.infer.static import StaticSteps, graphed
 from vlm_dist.text import get_tokenizer
 
 @torch.no_grad()
-def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32
-                               ) -> tuple[list[list[int]], dict]:
+def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
+                               static: bool = False) -> tuple[list[list[int]], dict]:
     """images (B, 3, H, W); B prompts (ids starting with <sot>, lengths may differ). Returns the generated
     ids per row (without the end token) and stats: `calls` (batched model calls after the prompt),
     `row_calls` (calls summed over the rows still decoding), `tokens` (emitted: the end token and tokens
     past max_new_tokens are not counted), `tokens_per_call` = tokens / row_calls, and
-    `accepted_per_position` (n_future,): the fraction of row-calls whose draft token i was accepted."""
+    `accepted_per_position` (n_future,): the fraction of row-calls whose draft token i was accepted.
+    static=True: the verify calls run as fixed-shape steps (infer/static.py: a CUDA graph on a GPU); finished
+    rows then stay in the batch, uncounted, instead of leaving it."""
     tok = get_tokenizer()
     B, n, P = images.shape[0], model.cfg.n_future, model.n_image_tokens
     if len(prompts) != B or any(not p for p in prompts):
@@ -65,16 +68,24 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
         live = list(range(B))  # the original row of each row still in the batch
         calls = row_calls = 0
         accepted_at = [0] * n
+        run = lengths = None
         while live:
             base = cache.lengths
-            nxt, at, guesses = model.verify_step(draft, cache, heads=heads)  # every row's cache grew by n
+            if static:  # the whole batch every call; finished rows' lengths stay put
+                if run is None:
+                    lengths = torch.tensor(base, device=device)
+                    run = graphed(StaticSteps(model, cache).verify, draft, lengths)
+                nxt, at, guesses = run(draft, lengths)
+                cache.advance(n)
+            else:
+                nxt, at, guesses = model.verify_step(draft, cache, heads=heads)  # every row's cache grew by n
             calls += 1
             row_calls += len(live)
             # one host sync per call: each row's accepted count (at + 1) and its draft tokens
             host = torch.cat([at[:, None], draft], dim=1).tolist()  # [last accepted position, draft...] per row
             next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
             keep = []
-            for r, b in enumerate(live):
+            for r, b in (((b, b) for b in live) if static else enumerate(live)):  # static: row r of the batch is b
                 acc, tokens = host[r][0] + 1, host[r][1:]
                 for i in range(acc):
                     accepted_at[i] += 1
@@ -89,6 +100,12 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                         break
                 if not finished:
                     keep.append(r)
+            if static:
+                still = set(keep)
+                cache.crop([l + (h[0] + 1 if b in still else 0) for b, (l, h) in enumerate(zip(base, host))])
+                lengths.copy_(torch.tensor(cache.lengths))  # one small copy per call
+                live, draft = keep, next_draft
+                continue
             cache.crop([l + h[0] + 1 for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)
             draft = next_draft
             if len(keep) < len(live):  # finished rows leave the batch: later calls do not compute them

@@ -81,21 +81,32 @@ class FusedHeads:
     def __call__(self, h: torch.Tensor, cache: KVCache, first_layer: int, at: torch.Tensor) -> torch.Tensor:
         """Trunk states h (B, T, D) of the T fed positions (after the cache's lengths) -> the heads'
         normalised states (m, B, D) at positions `at` (B,) of these T; writes their keys and values."""
-        B, T, D = h.shape
-        m, H, hd = self.m, self.n_heads, self.head_dim
-        flat = torch.arange(B, device=h.device) * T + at  # (B,) rows of the flattened (B*T) positions
-        qkv = F.linear(F.layer_norm(h, (D,), eps=self.eps), self.qkv_w, self.qkv_b).view(B, T, m, 3, H, hd)
+        qkv = self.project(h)  # (B, T, m, 3, H, hd)
         k, v = qkv[:, :, :, 1].permute(2, 0, 3, 1, 4), qkv[:, :, :, 2].permute(2, 0, 3, 1, 4)  # (m, B, H, T, hd)
         keys, values = cache.update_layers(first_layer, k, v)  # (m, B, H, S, hd)
-        S = keys.shape[3]
-        q = qkv.view(B * T, m, 3, H, hd).index_select(0, flat)[:, :, 0].transpose(0, 1).reshape(m * B, H, 1, hd)
         ends = torch.tensor(cache.lengths, device=h.device) + at  # (B,): each query's absolute position
+        return self.finish(h, qkv, keys, values, ends, at)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Every head's q, k, v at all T fed positions: (B, T, D) -> (B, T, m, 3, H, hd), one linear."""
+        B, T, D = h.shape
+        return F.linear(F.layer_norm(h, (D,), eps=self.eps), self.qkv_w, self.qkv_b).view(B, T, self.m, 3, self.n_heads, self.head_dim)
+
+    def finish(self, h: torch.Tensor, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ends: torch.Tensor,
+               at: torch.Tensor) -> torch.Tensor:
+        """The heads' states (m, B, D) at positions `at` (B,) of the T fed ones: attention of their queries over
+        keys / values (m, B, H, S, hd) up to absolute position `ends` (B,), then output projection, MLP, norm."""
+        B, T, D = h.shape
+        m, H, hd = self.m, self.n_heads, self.head_dim
+        S = keys.shape[3]
+        flat = torch.arange(B, device=h.device) * T + at  # (B,) rows of the flattened (B*T) positions
+        q = qkv.view(B * T, m, 3, H, hd).index_select(0, flat)[:, :, 0].transpose(0, 1).reshape(m * B, H, 1, hd)
         keys_ok = torch.arange(S, device=h.device) <= ends[:, None]  # (B, S): keys up to the query
         mask = torch.where(keys_ok, 0.0, float("-inf")).to(h.dtype)  # additive, as SDPA would make it
         mask = mask[None, :, None, None].expand(m, B, 1, 1, S).reshape(m * B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, keys.reshape(m * B, H, S, hd), values.reshape(m * B, H, S, hd),
                                            attn_mask=mask)  # (m*B, H, 1, hd)
-        x = torch.baddbmm(self.out_b, y.reshape(m, B, D), self.out_w) + h.view(B * T, D).index_select(0, flat)  # (m, B, D)
+        x = torch.baddbmm(self.out_b, y.reshape(m, B, D), self.out_w) + h.reshape(B * T, D).index_select(0, flat)  # (m, B, D)
         u = F.gelu(torch.baddbmm(self.up_b, F.layer_norm(x, (D,), eps=self.eps), self.up_w), approximate=self.approximate)
         x = x + torch.baddbmm(self.down_b, u, self.down_w)
         return torch.addcmul(self.norm_b, F.layer_norm(x, (D,), eps=self.eps), self.norm_w)  # each head's final norm

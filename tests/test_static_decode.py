@@ -1,0 +1,87 @@
+"""Fixed-shape decoding (infer/static.py, what a GPU replays as CUDA graphs) decodes what the dynamic path
+decodes: greedy and self-speculative, batched and ragged, to the end token or the length limit, and one verify
+call leaves the cache the dynamic call leaves."""
+
+import pytest
+import torch
+
+from tests.test_speculative import class_images, mixed_prompts, trained4, truncated, untrained  # noqa: F401
+from vlm_dist.config import load_config
+from vlm_dist.infer.generate import generate
+from vlm_dist.infer.speculative import speculative_generate_batch
+from vlm_dist.infer.static import StaticSteps, graphed
+from vlm_dist.model import VLM
+
+
+def hiding(n_future: int) -> VLM:
+    """An untrained model whose first block hides the image from text queries (text_first_layers=1)."""
+    torch.manual_seed(3)
+    cfg = load_config("tiny", [f"model.n_future={n_future}", "model.max_seq_len=64", "model.text_first_layers=1"])
+    return VLM(cfg.model).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: untrained(1), lambda: untrained(4), lambda: hiding(3)], ids=["n1", "n4", "hide"])
+@pytest.mark.parametrize("B", [1, 8])
+def test_static_greedy_equals_greedy(make, B):
+    model = make()
+    images, prompts = class_images([b % 3 for b in range(B)], noise=0.3), mixed_prompts(B)
+    want = generate(model, images, prompts, max_new_tokens=12)
+    assert generate(model, images, prompts, max_new_tokens=12, static=True) == want
+    assert sum(map(len, want)) > 0
+
+
+@pytest.mark.parametrize("n_future", [2, 3, 4])
+@pytest.mark.parametrize("B", [1, 8])
+def test_static_speculative_equals_greedy_untrained(n_future, B):
+    model = untrained(n_future) if n_future != 3 else hiding(3)
+    images, prompts = class_images([b % 3 for b in range(B)], noise=0.3), mixed_prompts(B)
+    want = generate(model, images, prompts, max_new_tokens=12)
+    got, stats = speculative_generate_batch(model, images, prompts, max_new_tokens=12, static=True)
+    assert got == want
+    dynamic = speculative_generate_batch(model, images, prompts, max_new_tokens=12)[1]
+    assert stats == dynamic  # the same calls, acceptances and emitted tokens, though finished rows stay in the batch
+
+
+@pytest.mark.parametrize("n_future", [2, 3, 4])
+def test_static_speculative_equals_greedy_trained(trained4, n_future):  # noqa: F811
+    """Much is accepted; rows end with the end token inside accepted drafts at different calls, and at the
+    length limit (max_new_tokens 5) inside a draft."""
+    model = truncated(trained4, n_future)
+    images = class_images([0, 1, 2, 1, 0, 2, 2, 1], noise=0.1, seed=99)
+    prompts = mixed_prompts(8)
+    for limit in (30, 5):
+        want = generate(model, images, prompts, max_new_tokens=limit)
+        got, stats = speculative_generate_batch(model, images, prompts, max_new_tokens=limit, static=True)
+        assert got == want, limit
+        assert stats["tokens_per_call"] > 1.5 or limit == 5
+
+
+def test_static_verify_writes_the_cache_the_dynamic_call_writes(trained4):  # noqa: F811
+    """One verify call on two copies of a ragged cache (rows at different lengths): the same accepted counts,
+    next tokens and guesses, and the same keys and values at every position a row keeps."""
+    model = trained4
+    images, prompts = class_images([0, 1, 2]), mixed_prompts(3)
+    ids = torch.zeros(3, max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    n = model.cfg.n_future
+    caches = [model.new_cache(3, model.cfg.max_seq_len + n) for _ in range(2)]
+    for cache in caches:
+        model.verify_step(ids, cache, images=images, last=torch.tensor([len(p) - 1 for p in prompts]))
+        cache.set_lengths([model.n_image_tokens + len(p) for p in prompts])
+    draft = torch.tensor([[320, 2442, 736, 7117], [269, 1400, 320, 2442], [518, 518, 320, 269]])
+    base = caches[0].lengths
+    dyn = model.verify_step(draft, caches[0])
+    sta = graphed(StaticSteps(model, caches[1]).verify, draft, torch.tensor(base))(draft, torch.tensor(base))
+    for a, b in zip(dyn, sta):
+        assert torch.equal(a, b)
+    for b in range(3):
+        keep = base[b] + int(dyn[1][b]) + 1
+        torch.testing.assert_close(caches[1].k[:, b, :, :keep], caches[0].k[:, b, :, :keep], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(caches[1].v[:, b, :, :keep], caches[0].v[:, b, :, :keep], rtol=1e-6, atol=1e-6)
+
+
+def test_static_decoding_refuses_sampling():
+    model = untrained(2)
+    with pytest.raises(ValueError, match="temperature 0"):
+        generate(model, class_images([0]), mixed_prompts(1), max_new_tokens=4, temperature=1.0, static=True)

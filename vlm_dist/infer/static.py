@@ -1,0 +1,124 @@
+"""Fixed-shape decoding steps, which a GPU replays as CUDA graphs.
+
+    nxt = StaticSteps(model, cache).greedy(ids, lengths)                  # (B,) next ids after ids (B, 1)
+    nxt, last, guesses = StaticSteps(model, cache).verify(draft, lengths) # one self-speculative verify call
+    generate(model, images, prompts, static=True)                         # infer/generate.py
+    speculative_generate_batch(model, images, prompts, static=True)       # infer/speculative.py
+
+The cached decoding in model/ (KVCache, Block.decode) slices the cache at Python-int lengths, so a step's
+shapes and host work change from call to call. Here a step takes each row's length as a device tensor,
+writes its keys and values at those positions (index_put), attends over the whole preallocated cache with
+a mask that hides the positions past each row's query, and takes the exact argmax over the full vocabulary
+on the device. Nothing inside a step depends on a host-side number, so its kernels, shapes and addresses are
+the same at every call: on CUDA, `graphed` captures it once as a torch.cuda.CUDAGraph and each call is one
+replay instead of ~15 launches per block (on one H100, round 5, a `base`-width greedy step spent ~10 ms on
+the host for ~1 ms of GPU work). Not measured on a GPU yet; on a CPU the steps run eagerly, and the tests
+check that they decode what the dynamic path decodes (tests/test_static_decode.py).
+
+The prefill (image tower + prompts, variable length) stays on the dynamic path and fills the same KVCache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlm_dist.model.decoder import KVCache
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class StaticSteps:
+    """Greedy and verify steps of `model` over `cache`'s buffers (cache.k / cache.v, (L, B, H, M, hd)),
+    with per-row lengths given as a (B,) long tensor on the cache's device. The steps write the cache's
+    buffers but leave its Python `lengths` to the caller."""
+
+    def __init__(self, model, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        self.heads = model.fused_heads() if model.cfg.n_future > 1 else None
+
+    def _trunk(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T) at positions lengths[b] + 0..T-1 -> (trunk states (B, T, D), positions (B, T))."""
+        model, k_all, v_all = self.model, self.cache.k, self.cache.v
+        B, T = ids.shape
+        M, dev = k_all.shape[3], ids.device
+        pos = lengths[:, None] + torch.arange(T, device=dev)  # (B, T)
+        x = model.tok_emb(ids)
+        x = x + model._position_table(x.dtype, dev)[pos]
+        keys = torch.arange(M, device=dev)
+        causal = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, M): also hides stale keys
+        masks = {0: _additive(causal, x.dtype)}
+        rows = torch.arange(B, device=dev)[:, None]  # (B, 1)
+        for layer, block in enumerate(model.blocks):
+            a = block.attn
+            P = a.hide_image
+            if P not in masks:  # text queries (position >= P) see no image key (< P): text_first_layers
+                masks[P] = _additive(causal & ((pos[:, None, :, None] < P) | (keys >= P)), x.dtype)
+            qkv = F.linear(block._norm(block.ln1, x), a.qkv.weight, a.qkv.bias)
+            q, k, v = qkv.view(B, T, 3, a.n_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+            k_all[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd) at each row's positions
+            v_all[layer][rows, :, pos] = v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k_all[layer], v_all[layer], attn_mask=masks[P])  # (B, H, T, hd)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), a.out.weight, a.out.bias)
+            x = x + block._mlp(block._norm(block.ln2, x))
+        return x, pos
+
+    def _argmax(self, states: torch.Tensor) -> torch.Tensor:
+        """Exact argmax over the full vocabulary of (..., D) normalised states: (...)."""
+        return self.model.lm_head(states).argmax(dim=-1)
+
+    @torch.no_grad()
+    def greedy(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Feed ids (B, 1) after each row's `lengths` (B,) positions; head 0's next ids (B,)."""
+        h, _ = self._trunk(ids, lengths)
+        return self._argmax(self.model.norm(h[:, -1]))
+
+    @torch.no_grad()
+    def verify(self, draft: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VLM.verify_step for a draft (B, n) after each row's `lengths`: (next ids (B,), last (B,), the extra
+        heads' guesses (B, n-1)); draft token i+1 is accepted while it equals head 0's argmax after token i."""
+        model = self.model
+        h, pos = self._trunk(draft, lengths)
+        greedy = self._argmax(model.norm(h))  # (B, T)
+        last = (draft[:, 1:] == greedy[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # (B,)
+        next_ids = greedy.gather(1, last[:, None]).squeeze(1)
+        if self.heads is None:
+            return next_ids, last, next_ids[:, None][:, :0]
+        heads, first = self.heads, model.cfg.n_layers
+        B, T = draft.shape
+        qkv = heads.project(h)  # (B, T, m, 3, H, hd)
+        k_all, v_all = self.cache.k[first : first + heads.m], self.cache.v[first : first + heads.m]  # (m, B, H, M, hd)
+        rows = torch.arange(B, device=h.device)[:, None]
+        k_all[:, rows, :, pos] = qkv[:, :, :, 1]  # advanced indices first: (B, T, m, H, hd)
+        v_all[:, rows, :, pos] = qkv[:, :, :, 2]
+        states = heads.finish(h, qkv, k_all, v_all, lengths + last, last)  # (m, B, D)
+        return next_ids, last, self._argmax(states).T
+
+
+def graphed(fn, *inputs: torch.Tensor):
+    """`fn(*inputs)` as a CUDA graph on a CUDA device: warmed up twice on a side stream, captured once, then
+    each call copies its arguments into the captured input buffers and replays (the outputs are the
+    captured buffers: read them before the next call). On a CPU, `fn` itself. The warm-up and the capture
+    run `fn` on these very inputs (its cache writes are the ones the first call makes anyway)."""
+    if inputs[0].device.type != "cuda":
+        return fn
+    static = [x.clone() for x in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*static)
+
+    def replay(*args: torch.Tensor):
+        for buf, x in zip(static, args):
+            buf.copy_(x)
+        graph.replay()
+        return outputs
+
+    return replay
