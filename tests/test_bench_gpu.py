@@ -85,7 +85,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert 60 < loader["mean_kib"] < 400  # COCO-like compressed size, not a flat synthetic image
 
     prof = res["decode"]["profile"]  # host work per token of each decoder, from a real profiled decode
-    for name in ("greedy", "speculative"):
+    for name in ("greedy", "speculative", "greedy static", "speculative static"):
         assert prof[name]["tokens"] == 6 and prof[name]["aten_ops_per_token"] > 10 and prof[name]["top"]
         assert prof[name]["launches_per_token"] == prof[name]["syncs_per_token"] == 0  # no CUDA runtime on the CPU
 

@@ -53,7 +53,59 @@ def test_static_speculative_equals_greedy_trained(trained4, n_future):  # noqa: 
         want = generate(model, images, prompts, max_new_tokens=limit)
         got, stats = speculative_generate_batch(model, images, prompts, max_new_tokens=limit, static=True)
         assert got == want, limit
+        assert stats == speculative_generate_batch(model, images, prompts, max_new_tokens=limit)[1]
         assert stats["tokens_per_call"] > 1.5 or limit == 5
+
+
+def test_static_decoding_fills_the_context_like_greedy():
+    """Prompt + max_new_tokens exactly at model.max_seq_len: no write past the cache, the same tokens."""
+    model = untrained(4)
+    images, prompts = class_images([0, 1, 2, 0]), mixed_prompts(4)
+    room = model.cfg.max_seq_len - model.n_image_tokens - max(map(len, prompts))
+    want = generate(model, images, prompts, max_new_tokens=room)
+    assert generate(model, images, prompts, max_new_tokens=room, static=True) == want
+    assert speculative_generate_batch(model, images, prompts, max_new_tokens=room, static=True)[0] == want
+    assert max(map(len, want)) == room  # some row ran to the limit
+
+
+def replaying(fn, *inputs):
+    """What `graphed` does on a GPU, on the CPU: the inputs copied into fixed buffers at each call, two
+    warm-up runs that write the cache as the capture's would, and the SAME output tensors returned by every
+    call, overwritten in place: a caller that kept an output past the next call would read the new values."""
+    static = [x.clone() for x in inputs]
+    fn(*static)
+    first = fn(*static)
+    outputs = [t.clone() for t in first] if isinstance(first, tuple) else first.clone()
+
+    def replay(*args):
+        for buf, x in zip(static, args):
+            buf.copy_(x)
+        fresh = fn(*static)
+        if isinstance(outputs, list):
+            for out, new in zip(outputs, fresh):
+                out.copy_(new)
+            return tuple(outputs)
+        outputs.copy_(fresh)
+        return outputs
+
+    return replay
+
+
+def test_callers_handle_replayed_graphs(monkeypatch, trained4):  # noqa: F811
+    """The decoding loops with graph-like replays (fixed input buffers, reused output buffers, warm-up writes)
+    still decode greedy's tokens with the dynamic loop's stats."""
+    import vlm_dist.infer.generate as gen
+    import vlm_dist.infer.speculative as spec
+
+    monkeypatch.setattr(gen, "graphed", replaying)
+    monkeypatch.setattr(spec, "graphed", replaying)
+    images, prompts = class_images([0, 1, 2, 1, 0, 2, 2, 1], noise=0.1, seed=7), mixed_prompts(8)
+    for model in (trained4, untrained(2)):
+        want = generate(model, images, prompts, max_new_tokens=20)
+        assert generate(model, images, prompts, max_new_tokens=20, static=True) == want
+        got, stats = speculative_generate_batch(model, images, prompts, max_new_tokens=20, static=True)
+        assert got == want
+        assert stats == speculative_generate_batch(model, images, prompts, max_new_tokens=20)[1]
 
 
 def test_static_verify_writes_the_cache_the_dynamic_call_writes(trained4):  # noqa: F811
@@ -71,10 +123,17 @@ def test_static_verify_writes_the_cache_the_dynamic_call_writes(trained4):  # no
         cache.set_lengths([model.n_image_tokens + len(p) for p in prompts])
     draft = torch.tensor([[320, 2442, 736, 7117], [269, 1400, 320, 2442], [518, 518, 320, 269]])
     base = caches[0].lengths
-    dyn = model.verify_step(draft, caches[0])
-    sta = graphed(StaticSteps(model, caches[1]).verify, draft, torch.tensor(base))(draft, torch.tensor(base))
+    heads = model.fused_heads()  # both paths' stacked heads: record the states they hand to the argmax
+    finish, states = heads.finish, []
+    heads.finish = lambda *args: states.append(finish(*args)) or states[-1]
+    try:
+        dyn = model.verify_step(draft, caches[0], heads=heads)
+        sta = graphed(StaticSteps(model, caches[1]).verify, draft, torch.tensor(base))(draft, torch.tensor(base))
+    finally:
+        del heads.finish
     for a, b in zip(dyn, sta):
         assert torch.equal(a, b)
+    torch.testing.assert_close(states[1], states[0], rtol=1e-5, atol=1e-5)  # the heads attended to the same keys
     for b in range(3):
         keep = base[b] + int(dyn[1][b]) + 1
         torch.testing.assert_close(caches[1].k[:, b, :, :keep], caches[0].k[:, b, :, :keep], rtol=1e-6, atol=1e-6)

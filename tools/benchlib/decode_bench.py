@@ -70,8 +70,9 @@ def bench_decode(model, batches: list[int], new_tokens: int, repeats: int, log=p
     rows = []
     for B in batches:
         images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(B)).to(device)
-        greedy(model, images[:1], prompt, 2)  # warm-up (kernels, allocator)
-        speculative(model, images[:1], prompt, 2)
+        for static in (False, True):  # warm-up (kernels, allocator; a graph capture for the static ones)
+            greedy(model, images[:1], prompt, 2, static=static)
+            speculative(model, images[:1], prompt, 2, static=static)
         g_t, s_t, gs_t, ss_t = [], [], [], []
         for _ in range(repeats):
             t, g_ids = _timed(lambda: greedy(model, images, prompt, new_tokens), device)
@@ -102,20 +103,23 @@ def bench_decode(model, batches: list[int], new_tokens: int, repeats: int, log=p
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
 @torch.no_grad()
 def profile_decode(model, images: torch.Tensor, prompt: list[int], new_tokens: int, top: int = 8) -> dict:
-    """torch.profiler over one greedy and one speculative decode of `images`: per emitted token, the
-    host's aten ops, kernel launches and device synchronisations, and the ops with the most self CPU time."""
+    """torch.profiler over one greedy and one speculative decode of `images`, each also with static=True: per
+    emitted token, the host's aten ops, kernel launches (a CUDA graph's replay counts as one) and device
+    synchronisations, and the ops with the most self CPU time (a static decode's graph capture included)."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(model.parameters()).device
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = {}
     for name, fn in [("greedy", lambda: greedy(model, images, prompt, new_tokens)),
-                     ("speculative", lambda: speculative(model, images, prompt, new_tokens)[0])]:
+                     ("speculative", lambda: speculative(model, images, prompt, new_tokens)[0]),
+                     ("greedy static", lambda: greedy(model, images, prompt, new_tokens, static=True)),
+                     ("speculative static", lambda: speculative(model, images, prompt, new_tokens, static=True)[0])]:
         fn()  # warm-up
         with profile(activities=acts) as prof:
             wall, ids = _timed(fn, device)

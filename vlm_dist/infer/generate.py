@@ -84,19 +84,19 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
         cache = model.new_cache(B) if use_cache else None
         pos = start
         greedy = temperature <= 0
-        run = lengths = None
+        run = dev_lengths = None
 
         def cached_next(ids: torch.Tensor) -> torch.Tensor:
             """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
             the (B, V) logits; sampling: the last position's logits (B, V)."""
-            nonlocal run, lengths
+            nonlocal run, dev_lengths
             if static and cache.lengths[0] > 0:  # after the prefill: one fixed-shape step (every row at one length)
                 if run is None:
-                    lengths = torch.full((B,), cache.lengths[0], device=device)
-                    run = graphed(StaticSteps(model, cache).greedy, ids, lengths)
-                nxt = run(ids, lengths)
+                    dev_lengths = torch.full((B,), cache.lengths[0], device=device)
+                    run = graphed(StaticSteps(model, cache).greedy, ids, dev_lengths)
+                nxt = run(ids, dev_lengths)
                 cache.advance(1)
-                lengths.add_(1)
+                dev_lengths.add_(1)
                 return nxt
             states = model.step_states(ids, cache, images=images if cache.lengths[0] == 0 else None, next_token_only=True)
             return model.greedy_ids(states[0][:, -1]) if greedy else model.lm_head(states[0][:, -1])

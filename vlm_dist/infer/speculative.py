@@ -68,12 +68,13 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
         live = list(range(B))  # the original row of each row still in the batch
         calls = row_calls = 0
         accepted_at = [0] * n
-        run = lengths = None
+        run = lengths = active = None
         while live:
             base = cache.lengths
             if static:  # the whole batch every call; finished rows' lengths stay put
                 if run is None:
                     lengths = torch.tensor(base, device=device)
+                    active = torch.ones(B, dtype=torch.long, device=device)  # rows still decoding
                     run = graphed(StaticSteps(model, cache).verify, draft, lengths)
                 nxt, at, guesses = run(draft, lengths)
                 cache.advance(n)
@@ -103,7 +104,9 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
             if static:
                 still = set(keep)
                 cache.crop([l + (h[0] + 1 if b in still else 0) for b, (l, h) in enumerate(zip(base, host))])
-                lengths.copy_(torch.tensor(cache.lengths))  # one small copy per call
+                if len(keep) < len(live):  # a row finished: its length stays put from now on (a copy to the device)
+                    active.copy_(torch.tensor([b in still for b in range(B)]))
+                lengths.add_((at + 1) * active)  # on the device, as cache.crop did on the host
                 live, draft = keep, next_draft
                 continue
             cache.crop([l + h[0] + 1 for l, h in zip(base, host)])  # forget rejected positions (causal: the rest stands)

@@ -12,9 +12,11 @@ a mask that hides the positions past each row's query, and takes the exact argma
 on the device (on a CPU the certified shortlist argmax, which gives the same ids without a GPU's graph to
 keep). Nothing inside a CUDA step depends on a host-side number, so its kernels, shapes and addresses are
 the same at every call: on CUDA, `graphed` captures it once as a torch.cuda.CUDAGraph and each call is one
-replay instead of ~15 launches per block (on one H100, round 5, a `base`-width greedy step spent ~10 ms on
-the host for ~1 ms of GPU work). Not measured on a GPU yet; on a CPU the steps run eagerly, and the tests
-check that they decode what the dynamic path decodes (tests/test_static_decode.py).
+replay instead of ~15 launches per block (on one H100, round 5, a `base`-width greedy token took ~10 ms at
+batch 1, which the profile's launch counts called launch-bound). Never run on CUDA yet: capture and replay
+are untested; on a CPU the steps run eagerly, and the tests check that they decode what the dynamic path
+decodes on their models (tests/test_static_decode.py; on a GPU the kernels differ from the dynamic path's, so
+a near-tie could round either way).
 
 The prefill (image tower + prompts, variable length) stays on the dynamic path and fills the same KVCache.
 """
@@ -38,7 +40,7 @@ class StaticSteps:
 
     def __init__(self, model, cache: KVCache) -> None:
         self.model, self.cache = model, cache
-        self.heads = model.fused_heads() if model.cfg.n_future > 1 else None
+        self.heads = None  # the stacked extra heads, built by the first verify (its eager warm-up on a GPU)
 
     def _trunk(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, T) at positions lengths[b] + 0..T-1 -> (trunk states (B, T, D), positions (B, T))."""
@@ -89,8 +91,10 @@ class StaticSteps:
         greedy = self._argmax(model.norm(h))  # (B, T)
         last = (draft[:, 1:] == greedy[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # (B,)
         next_ids = greedy.gather(1, last[:, None]).squeeze(1)
-        if self.heads is None:
+        if model.cfg.n_future == 1:
             return next_ids, last, next_ids[:, None][:, :0]
+        if self.heads is None:
+            self.heads = model.fused_heads()
         heads, first = self.heads, model.cfg.n_layers
         B, T = draft.shape
         qkv = heads.project(h)  # (B, T, m, 3, H, hd)
@@ -126,4 +130,5 @@ def graphed(fn, *inputs: torch.Tensor):
         graph.replay()
         return outputs
 
+    replay.fn = fn  # what the graph reads (the steps' stacked head weights) lives as long as the replay
     return replay
