@@ -18,9 +18,10 @@ app = typer.Typer(
 )
 SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verified by the model, a batch in one "
                     "loop: output identical to greedy; needs a model with model.n_future > 1 (base: 4; the demo preset: 1). "
-                    "Measured on 2 CPU cores, 1 thread, fp32, a demo export with n_future 4 "
-                    "(docs/bench/issue9_round3.md): 1.0-1.1x greedy's tokens/s at batch 1, 1.06-1.16x at batch 8 "
-                    "(greedy's argmax is certified from a shortlist too, so greedy got 4x faster as well). "
+                    "Measured on 2 CPU cores, fp32, the demo recipe trained with n_future 4 "
+                    "(docs/bench/issue9_round8.md): 3.65 tokens per call, 1.20x / 1.26x greedy's tokens/s at batch "
+                    "1 / 8 on one thread, 1.38x / 1.22x on two (greedy's argmax is certified from a shortlist too, "
+                    "so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
 
 
