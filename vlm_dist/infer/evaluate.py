@@ -33,17 +33,23 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
 
-def iter_shard_samples(shards: str, limit: int | None = None) -> Iterator[tuple[str, bytes | torch.Tensor, dict]]:
+def iter_shard_samples(shards: str, limit: int | None = None, vision=None) -> Iterator[tuple[str, bytes | torch.Tensor, dict]]:
     """(key, image, metadata) of each image in the shards, in manifest order. image: the .jpg bytes, or in
-    feature shards (data/features.py, as their manifest says) the frozen tower's (P, W) tokens."""
+    feature shards (data/features.py, as their manifest says) the frozen tower's (P, W) tokens, which
+    `vision` (the model's VisionConfig), when given, must be able to take (data.features.check_features)."""
     import webdataset as wds
 
-    from vlm_dist.data.features import EXT, decode, features_record
+    from vlm_dist.data.features import EXT, check_features, decode, features_record
     from vlm_dist.data.manifest import resolve_shards
     from vlm_dist.data.samples import wanted_member
 
     found = resolve_shards(shards)
-    member = EXT if features_record(found) is not None else "jpg"  # what every sample must hold
+    record = features_record(found)
+    if vision is not None:
+        # the tower's name, activation, image size and freeze, not its weights' SHA-256 (the trainer's check at
+        # start-up): here the weights may be bf16, as a bf16 engine or export holds them
+        check_features(record, vision)
+    member = EXT if record is not None else "jpg"  # what every sample must hold
     n = 0
     for shard in found:
         for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
@@ -65,9 +71,9 @@ def question_type(qa: dict) -> str:
     return qa.get("question_type") or " ".join(qa["question"].lower().split()[:2])
 
 
-def _tasks(shards: str, limit: int | None) -> list[dict]:
+def _tasks(shards: str, limit: int | None, vision) -> list[dict]:
     tasks = []
-    for key, image, meta in iter_shard_samples(shards, limit):
+    for key, image, meta in iter_shard_samples(shards, limit, vision):
         image_id = meta.get("image_id")
         if not isinstance(image_id, int) or isinstance(image_id, bool):
             raise EvalDataError(f"sample {key!r} in {shards} has no integer image_id ({image_id!r}); COCO scoring "
@@ -108,8 +114,6 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     """
     from tqdm import tqdm
 
-    from vlm_dist.data.features import check_features, features_record
-    from vlm_dist.data.manifest import resolve_shards
     from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import decoding, generate
 
@@ -117,10 +121,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     tok = get_tokenizer()
     to_tensor = ImageToTensor(model.cfg.vision.geometry["image_size"])
-    # feature shards: of this tower's name and image size, for a frozen tower (the weights' fingerprint is the
-    # trainer's check at start-up: here the weights may be bf16, as a bf16 engine or export holds them)
-    check_features(features_record(resolve_shards(shards)), model.cfg.vision)
-    tasks = _tasks(shards, limit)
+    tasks = _tasks(shards, limit, model.cfg.vision)
     room = model.cfg.max_seq_len - model.n_image_tokens  # text positions: prompt + generated tokens
     prompts = [prompt_tokens(tok, t["question"]) for t in tasks]
     budgets = [min(max_new_tokens, room - len(p)) for p in prompts]

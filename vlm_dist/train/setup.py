@@ -125,11 +125,11 @@ def _universal_copy(where: ckpt.ResumePoint, info: DistInfo) -> str:
     return name
 
 
-def _check_feature_shards(cfg: RunConfig, shards: list, model: VLM) -> str | None:
+def _check_feature_shards(shards: list, val_shards: list, cfg: RunConfig, model: VLM) -> str | None:
     """Refuse feature shards (data/features.py) the model cannot take in place of its tower's output (a tower
     that trains, another tower or other weights); a line for the log if the train or val shards hold some."""
     notes, fingerprint = [], None
-    for what, found in (("train", shards), ("val", resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else [])):
+    for what, found in (("train", shards), ("val", val_shards)):
         record = features_record(found)
         if record is None:
             continue
@@ -188,8 +188,9 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
     train_loader = build_loader(cfg, shards, rank=info.rank, world_size=info.world_size,
                                 micro_batch=micro, train=True)
     val_loader = None
+    val_shards = resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else []  # once, as the train shards
     if cfg.data.val_shards:
-        val_loader = build_loader(cfg, cfg.data.val_shards, rank=info.rank, world_size=info.world_size,
+        val_loader = build_loader(cfg, val_shards, rank=info.rank, world_size=info.world_size,
                                   micro_batch=micro, train=False)
     steps_per_epoch = train_loader.batches_per_epoch // accum
     if steps_per_epoch < 1:
@@ -208,7 +209,7 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VLM(fetch_once(cfg.model, local_rank=info.local_rank, device=info.device))
-    features = _check_feature_shards(cfg, shards, model)
+    features = _check_feature_shards(shards, val_shards, cfg, model)
     engine = make_engine(model, ds)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # dropout streams differ per rank
     state = ckpt.TrainState()
