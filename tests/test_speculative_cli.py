@@ -72,3 +72,46 @@ def test_speculative_on_a_model_without_extra_heads_says_so(export_and_shards, t
     with_heads = runner.invoke(app, ["generate", "--model", str(root / "export"), "--image", str(image),
                                      "--max-new-tokens", "5", "--speculative"])
     assert with_heads.exit_code == 0 and "no multi-token heads" not in with_heads.stderr
+
+
+def test_static_steps_follow_the_flag_and_the_device_default(export_and_shards, monkeypatch, tmp_path):
+    """--static / --dynamic pick the decoding steps (same text either way); without either, the device decides:
+    dynamic on this CPU, static where static_default says a GPU (patched here to stand for one)."""
+    import vlm_dist.infer.generate as gen_mod
+    import vlm_dist.infer.speculative as spec_mod
+    from vlm_dist.infer.static import StaticSteps
+
+    built = []
+    init = StaticSteps.__init__
+    monkeypatch.setattr(StaticSteps, "__init__", lambda self, *a: (built.append(1), init(self, *a))[1])
+    root, shards = export_and_shards
+    images = sorted((root / "data" / "images" / "val2017").glob("*.jpg"))[:2]
+    args = ["generate", "--model", str(root / "export"), "--max-new-tokens", "7", "--json",
+            "--image", str(images[0]), "--image", str(images[1])]
+
+    def texts(*extra) -> tuple[list[str], int]:
+        built.clear()
+        res = runner.invoke(app, [*args, *extra])
+        assert res.exit_code == 0, res.output
+        return [json.loads(line)["text"] for line in res.stdout.splitlines() if line.startswith("{")], len(built)
+
+    want, n = texts()
+    assert n == 0 and len(want) == 2  # the CPU default: dynamic steps
+    assert texts("--static") == (want, 1) and texts("--static", "--speculative") == (want, 1)
+    assert texts("--dynamic", "--speculative") == (want, 0)
+    for mod in (gen_mod, spec_mod):  # as on a GPU
+        monkeypatch.setattr(mod, "static_default", lambda device: True)
+    assert texts() == (want, 1) and texts("--speculative") == (want, 1)
+    assert texts("--dynamic") == (want, 0)
+    sampled = runner.invoke(app, [*args, "--temperature", "0.7"])  # sampling never takes the static steps
+    assert sampled.exit_code == 0 and not built, sampled.output
+    refused = runner.invoke(app, [*args, "--static", "--temperature", "0.7"])
+    assert refused.exit_code == 2 and "drop --static" in refused.output
+    base = ["eval", "--model", str(root / "export"), "--shards", str(shards / "val"), "--batch-size", "4"]
+    built.clear()
+    dyn = runner.invoke(app, [*base, "--out", str(tmp_path / "d.json"), "--dynamic"])
+    assert dyn.exit_code == 0 and not built, dyn.output
+    sta = runner.invoke(app, [*base, "--out", str(tmp_path / "s.json")])
+    assert sta.exit_code == 0 and built, sta.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("d.json", "s.json"))
+    assert [p["prediction"] for p in a["predictions"]] == [p["prediction"] for p in b["predictions"]]

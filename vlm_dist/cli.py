@@ -23,6 +23,10 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "1 / 8 on one thread, 1.38x / 1.22x on two (greedy's argmax is certified from a shortlist too, "
                     "so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
+STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
+               "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
+               "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "
+               "dynamic on a CPU (no graphs there: static is 0.93-0.99x).")
 
 
 def _note_no_drafts(n_future: int) -> None:
@@ -349,6 +353,7 @@ def generate_cmd(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
+    static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ) -> None:
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
@@ -377,6 +382,10 @@ def generate_cmd(
         except OSError as err:  # missing file, or PIL's UnidentifiedImageError
             typer.echo(f"error: cannot read image {path}: {err}", err=True)
             raise typer.Exit(2)
+    if static and temperature > 0:
+        typer.echo("error: --static decodes greedily (fixed-shape greedy steps); sampling takes the dynamic "
+                   "path: drop --temperature or drop --static", err=True)
+        raise typer.Exit(2)
     if speculative:
         import time
 
@@ -390,13 +399,13 @@ def generate_cmd(
         tok = get_tokenizer()
         t0 = time.perf_counter()
         rows, stats = speculative_generate_batch(model, torch.stack(tensors), [prompt_tokens(tok, question)] * len(image),
-                                                 max_new_tokens)
+                                                 max_new_tokens, static=static)
         typer.echo(format_stats(stats, time.perf_counter() - t0), err=True)
         texts = [tok.decode(ids) for ids in rows]
     else:
         gen = torch.Generator().manual_seed(seed)
         texts = generate_text(model, torch.stack(tensors), [question] * len(image), max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, generator=gen)
+                              temperature=temperature, top_p=top_p, generator=gen, static=static)
     for path, text in zip(image, texts):
         if as_json:
             typer.echo(json.dumps({"image": str(path), "question": question, "text": text}))
@@ -414,6 +423,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest generated caption or answer "
                                        "(less where the prompt leaves less room in model.max_seq_len)."),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
+    static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
 ) -> None:
     """Caption every image and answer every question; report exact match, VQA accuracy per question type,
     and COCO caption metrics (pycocoevalcap's official pipeline when Java is installed)."""
@@ -427,7 +437,7 @@ def eval_cmd(
         if speculative:
             _note_no_drafts(cfg.n_future)
         result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     speculative=speculative)
+                                     speculative=speculative, static=static)
     except (ExportError, ShardSpecError, EvalDataError, FeatureError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)

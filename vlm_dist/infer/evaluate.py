@@ -104,9 +104,10 @@ def _batches(tasks: list[dict], budgets: list[int], batch_size: int) -> Iterator
 @torch.no_grad()
 def evaluate_generation(model, shards: str, limit: int | None = None, batch_size: int = 32,
                         max_new_tokens: int = 24, progress: bool = True, meteor: bool = True,
-                        java: bool | None = None, speculative: bool = False) -> dict:
+                        java: bool | None = None, speculative: bool = False, static: bool | None = None) -> dict:
     """Greedy captions and answers for the shards; returns {"metrics", "predictions"}.
     speculative=True decodes with the multi-token heads drafting (same output) and adds its stats.
+    static: fixed-shape decoding steps (CUDA graphs on a GPU, infer/static.py); None: on a GPU, not on a CPU.
 
     A question whose prompt leaves no room for an answer in model.max_seq_len is not generated: it
     is counted in `questions_too_long` and scored as wrong. java=None: official caption pipeline when
@@ -137,10 +138,10 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
                 from vlm_dist.infer.speculative import speculative_generate_batch
 
                 outs, stats = speculative_generate_batch(model, images, [t["prompt"] for t in chunk],
-                                                         max_new_tokens=budget)
+                                                         max_new_tokens=budget, static=static)
                 spec.append(stats)
             else:
-                outs = generate(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget)
+                outs = generate(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget, static=static)
             for t, ids in zip(chunk, outs):
                 t["prediction"] = tok.decode(ids)
                 n_tokens += len(ids) + 1  # + the end token (or the cut)

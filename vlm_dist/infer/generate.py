@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from vlm_dist.infer.static import StaticSteps, graphed
+from vlm_dist.infer.static import StaticSteps, graphed, static_default
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
@@ -51,13 +51,13 @@ def decoding(model):
 @torch.no_grad()
 def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-             generator: torch.Generator | None = None, static: bool = False) -> list[list[int]]:
+             generator: torch.Generator | None = None, static: bool | None = None) -> list[list[int]]:
     """Continue each row's prompt; return the generated ids per row (without the end token).
 
     images (B, 3, H, W) in the model's input transform; prompts: B lists of token ids, each starting
     with <sot>. use_cache=False recomputes the whole sequence every step (the reference for tests).
     static=True (greedy only): the steps after the prefill run as fixed-shape steps (infer/static.py: a
-    CUDA graph on a GPU).
+    CUDA graph on a GPU); None (the default): so on a GPU when decoding greedily from the cache, not on a CPU.
     """
     tok = get_tokenizer()
     B = images.shape[0]
@@ -66,6 +66,8 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     if static and (temperature > 0 or not use_cache):
         raise ValueError("static=True decodes greedily from the KV cache: temperature 0 and use_cache=True only")
     device = next(model.parameters()).device
+    if static is None:
+        static = use_cache and temperature <= 0 and static_default(device)
     dtype = model.projector.weight.dtype
     images = images.to(device, dtype)
     lengths = [len(p) for p in prompts]

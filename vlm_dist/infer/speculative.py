@@ -25,19 +25,19 @@ from __future__ import annotations
 import torch
 
 from vlm_dist.infer.generate import decoding
-from vlm_dist.infer.static import StaticSteps, graphed
+from vlm_dist.infer.static import StaticSteps, graphed, static_default
 from vlm_dist.text import get_tokenizer
 
 @torch.no_grad()
 def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 32,
-                               static: bool = False) -> tuple[list[list[int]], dict]:
+                               static: bool | None = None) -> tuple[list[list[int]], dict]:
     """images (B, 3, H, W); B prompts (ids starting with <sot>, lengths may differ). Returns the generated
     ids per row (without the end token) and stats: `calls` (batched model calls after the prompt),
     `row_calls` (calls summed over the rows still decoding), `tokens` (emitted: the end token and tokens
     past max_new_tokens are not counted), `tokens_per_call` = tokens / row_calls, and
     `accepted_per_position` (n_future,): the fraction of row-calls whose draft token i was accepted.
     static=True: the verify calls run as fixed-shape steps (infer/static.py: a CUDA graph on a GPU); finished
-    rows then stay in the batch, uncounted, instead of leaving it."""
+    rows then stay in the batch, uncounted, instead of leaving it. None (the default): static on a GPU, not on a CPU."""
     tok = get_tokenizer()
     B, n, P = images.shape[0], model.cfg.n_future, model.n_image_tokens
     if len(prompts) != B or any(not p for p in prompts):
@@ -47,6 +47,7 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed "
                          f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
     device = next(model.parameters()).device
+    static = static_default(device) if static is None else static
     images = images.to(device, model.projector.weight.dtype)
     with decoding(model):
 

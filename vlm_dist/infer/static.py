@@ -13,10 +13,13 @@ on the device (on a CPU the certified shortlist argmax, which gives the same ids
 keep). Nothing inside a CUDA step depends on a host-side number, so its kernels, shapes and addresses are
 the same at every call: on CUDA, `graphed` captures it once as a torch.cuda.CUDAGraph and each call is one
 replay instead of ~15 launches per block (on one H100, round 5, a `base`-width greedy token took ~10 ms at
-batch 1, which the profile's launch counts called launch-bound). Never run on CUDA yet: capture and replay
-are untested; on a CPU the steps run eagerly, and the tests check that they decode what the dynamic path
-decodes on their models (tests/test_static_decode.py; on a GPU the kernels differ from the dynamic path's, so
-a near-tie could round either way).
+batch 1, which the profile's launch counts called launch-bound). On one H200 (round 9, docs/bench/gpu_round9.md,
+`base` width, bf16, random weights, the graphs captured inside each timed decode) greedy ran at 3.9x / 3.4x the
+dynamic path's tokens/s at batch 1 / 8 and self-speculative at 2.1x / 2.5x, with the same rows. So decoding
+takes these steps by default on a GPU (`static_default`). On a CPU the steps run eagerly, at 0.93-0.99x the
+dynamic path's speed, so a CPU keeps the dynamic path; the tests check on the CPU that the steps decode what
+the dynamic path decodes (tests/test_static_decode.py; on a GPU the kernels differ from the dynamic path's,
+so a near-tie could round either way).
 
 The prefill (image tower + prompts, variable length) stays on the dynamic path and fills the same KVCache.
 """
@@ -27,6 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from vlm_dist.model.decoder import KVCache
+
+
+def static_default(device: torch.device) -> bool:
+    """Whether greedy decoding takes the fixed-shape steps when the caller does not say: on a CUDA device
+    (replayed as CUDA graphs, several times faster there), not on a CPU (no graphs: slightly slower)."""
+    return device.type == "cuda"
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
