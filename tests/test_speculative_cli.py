@@ -115,3 +115,22 @@ def test_static_steps_follow_the_flag_and_the_device_default(export_and_shards, 
     assert sta.exit_code == 0 and built, sta.output
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("d.json", "s.json"))
     assert [p["prediction"] for p in a["predictions"]] == [p["prediction"] for p in b["predictions"]]
+
+
+def test_device_flag_picks_where_to_decode_and_refuses_what_torch_cannot_use(export_and_shards, monkeypatch):
+    """--device auto decodes on the GPU when torch sees one (the CLI once decoded on the CPU beside an idle H200),
+    else on the CPU; a device torch cannot use is a clear error, not a crash inside a kernel."""
+    from vlm_dist.infer.load import pick_device
+
+    root, _ = export_and_shards
+    image = next((root / "data" / "images" / "val2017").glob("*.jpg"))
+    args = ["generate", "--model", str(root / "export"), "--image", str(image), "--max-new-tokens", "5", "--json"]
+    auto, cpu = runner.invoke(app, args), runner.invoke(app, [*args, "--device", "cpu"])
+    assert auto.exit_code == 0 and cpu.stdout == auto.stdout, auto.output + cpu.output
+    for bad, says in [("cuda:3", "CUDA GPU(s)"), ("tpu", "use auto, cpu, cuda or cuda:N"), ("gpu!", "not a device")]:
+        res = runner.invoke(app, [*args, "--device", bad])
+        assert res.exit_code == 2 and says in res.output, (bad, res.output)
+    assert pick_device("auto") == torch.device("cpu") == pick_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")

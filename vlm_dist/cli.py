@@ -23,6 +23,7 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "1 / 8 on one thread, 1.38x / 1.22x on two (greedy's argmax is certified from a shortlist too, "
                     "so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
+DEVICE_HELP = "Where to decode: auto (the first GPU when torch sees one, else the CPU), cpu, cuda or cuda:N."
 STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
                "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
                "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "
@@ -354,6 +355,7 @@ def generate_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ) -> None:
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
@@ -363,11 +365,11 @@ def generate_cmd(
 
     from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import fit_max_new_tokens, generate_text
-    from vlm_dist.infer.load import ExportError, load_exported
+    from vlm_dist.infer.load import ExportError, load_exported, pick_device
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
     try:
-        model, cfg = load_exported(model_dir)
+        model, cfg = load_exported(model_dir, device=pick_device(device))
         max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens)
     except (ExportError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
@@ -424,16 +426,17 @@ def eval_cmd(
                                        "(less where the prompt leaves less room in model.max_seq_len)."),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Caption every image and answer every question; report exact match, VQA accuracy per question type,
     and COCO caption metrics (pycocoevalcap's official pipeline when Java is installed)."""
     from vlm_dist.data.features import FeatureError
     from vlm_dist.data.manifest import ShardSpecError
     from vlm_dist.infer.evaluate import EvalDataError, evaluate_generation, format_metrics, write_results
-    from vlm_dist.infer.load import ExportError, load_exported
+    from vlm_dist.infer.load import ExportError, load_exported, pick_device
 
     try:
-        model, cfg = load_exported(model_dir)
+        model, cfg = load_exported(model_dir, device=pick_device(device))
         if speculative:
             _note_no_drafts(cfg.n_future)
         result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,

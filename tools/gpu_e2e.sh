@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The shipped path end to end, as a user runs it, at a preset's width with a random frozen tower (nothing can be
+# downloaded): demo data -> precompute-features (the frozen tower once) -> training on the features
+# (model.compile, validation, the in-training generation eval, a checkpoint) -> export -> eval, greedy and
+# speculative, each with the decoding steps the device picks (CUDA graphs on a GPU) and with --dynamic. It fails
+# unless the four evaluations predict the same text. Made for a GPU session's few minutes (tools/bench_gpu.py
+# times the parts; this checks that they work together); CONFIG=tiny runs it on a CPU (tests/test_gpu_e2e.py).
+#   bash tools/gpu_e2e.sh                 # base, one GPU, ~3 min
+#   W=/tmp/e2e CONFIG=tiny STEPS=4 N_TRAIN=64 N_VAL=8 bash tools/gpu_e2e.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+W=${W:-/tmp/gpu_e2e}                        # data/, features/, run/, export/, eval_*.json
+CONFIG=${CONFIG:-base}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+STEPS=${STEPS:-60}                          # training steps; validation, generation eval and a save at the last
+N_TRAIN=${N_TRAIN:-2048}
+N_VAL=${N_VAL:-64}
+VLM_DIST=${VLM_DIST:-python3 -m vlm_dist.cli}
+read -r -a VD <<< "$VLM_DIST"
+SETS=(--set model.vision.pretrained=null --set model.vision.allow_random_frozen=true --set model.vision.freeze=true)
+
+phase() {  # phase NAME COMMAND...: run it and print its wall time
+  local name=$1 t0=$SECONDS
+  shift
+  "$@"
+  echo "[e2e] $name: $((SECONDS - t0)) s" >&2
+}
+
+phase data "${VD[@]}" demo-data --out "$W/data" --train "$N_TRAIN" --val "$N_VAL" --shard
+for split in train val; do
+  phase "features $split" "${VD[@]}" precompute-features --shards "$W/data/shards/$split" --out "$W/features/$split" \
+    --config "$CONFIG" "${SETS[@]}"
+done
+phase train "${VD[@]}" train --config "$CONFIG" --ds "$DS_CONFIG" --train-shards "$W/features/train" \
+  --val-shards "$W/features/val" --run-dir "$W/run" "${SETS[@]}" --set train.max_steps="$STEPS" \
+  --set train.eval_every="$STEPS" --set train.generate_every="$STEPS" --set train.save_every="$STEPS" \
+  --set train.generate_images="$N_VAL" --set log.log_every=10
+phase export "${VD[@]}" export --ckpt "$W/run/checkpoints" --tag latest --out "$W/export"
+for steps in auto dynamic; do
+  flag=(); [[ $steps == dynamic ]] && flag=(--dynamic)
+  for how in greedy speculative; do
+    spec=(); [[ $how == speculative ]] && spec=(--speculative)
+    phase "eval $how, $steps steps" "${VD[@]}" eval --model "$W/export" --shards "$W/features/val" \
+      --out "$W/eval_${how}_$steps.json" "${flag[@]}" "${spec[@]}"
+  done
+done
+python3 - "$W" <<'EOF'
+import json, sys
+from pathlib import Path
+
+names = [f"eval_{how}_{steps}" for steps in ("auto", "dynamic") for how in ("greedy", "speculative")]
+runs = {n: json.loads((Path(sys.argv[1]) / f"{n}.json").read_text()) for n in names}
+preds = {name: [t["prediction"] for t in r["predictions"]] for name, r in runs.items()}
+for name, r in runs.items():
+    m = r["metrics"]
+    print(f"[e2e] {name}: {m['decode_tokens_per_s']:.0f} tokens/s, caption exact match {m['caption_exact_match']:.3f}, "
+          f"Q&A {m['qa_accuracy']:.3f}" + (f", {m['speculative']['tokens_per_call']:.2f} tokens per call"
+                                            if "speculative" in m else ""), file=sys.stderr)
+first = next(iter(preds.values()))
+differ = [name for name, p in preds.items() if p != first]
+if len(preds) != 4 or differ or not first:
+    sys.exit(f"[e2e] FAILED: {len(preds)} evaluations; predictions differ in {differ or 'none'}")
+print(f"[e2e] the four evaluations predict the same {len(first)} texts", file=sys.stderr)
+EOF
