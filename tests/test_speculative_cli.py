@@ -127,10 +127,22 @@ def test_device_flag_picks_where_to_decode_and_refuses_what_torch_cannot_use(exp
     args = ["generate", "--model", str(root / "export"), "--image", str(image), "--max-new-tokens", "5", "--json"]
     auto, cpu = runner.invoke(app, args), runner.invoke(app, [*args, "--device", "cpu"])
     assert auto.exit_code == 0 and cpu.stdout == auto.stdout, auto.output + cpu.output
-    for bad, says in [("cuda:3", "CUDA GPU(s)"), ("tpu", "use auto, cpu, cuda or cuda:N"), ("gpu!", "not a device")]:
+    for bad, says in [("cuda:3", "CUDA GPU(s)"), ("mps", "--device 'mps': use auto, cpu, cuda or cuda:N"),
+                      ("gpu!", "not a device")]:
         res = runner.invoke(app, [*args, "--device", bad])
         assert res.exit_code == 2 and says in res.output, (bad, res.output)
     assert pick_device("auto") == torch.device("cpu") == pick_device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("auto") == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
+
+    import vlm_dist.infer.load as load_mod
+
+    asked = []
+    real = load_mod.load_exported
+    monkeypatch.setattr(load_mod, "load_exported", lambda d, device="cpu", **kw: (asked.append(device), real(d, **kw))[1])
+    for command in (args, ["eval", "--model", str(root / "export"), "--shards", str(root / "data" / "shards" / "val"),
+                           "--out", str(root / "e.json"), "--limit", "1"]):
+        asked.clear()
+        runner.invoke(app, command)  # the model loads on the CPU (the stand-in ignores the device); decoding runs
+        assert asked == [torch.device("cuda")], asked  # what the CLI asked for on a "GPU machine": the GPU

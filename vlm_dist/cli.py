@@ -368,6 +368,10 @@ def generate_cmd(
     from vlm_dist.infer.load import ExportError, load_exported, pick_device
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
+    if static and temperature > 0:
+        typer.echo("error: --static decodes greedily (fixed-shape greedy steps); sampling takes the dynamic "
+                   "path: drop --temperature or drop --static", err=True)
+        raise typer.Exit(2)
     try:
         model, cfg = load_exported(model_dir, device=pick_device(device))
         max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens)
@@ -384,10 +388,6 @@ def generate_cmd(
         except OSError as err:  # missing file, or PIL's UnidentifiedImageError
             typer.echo(f"error: cannot read image {path}: {err}", err=True)
             raise typer.Exit(2)
-    if static and temperature > 0:
-        typer.echo("error: --static decodes greedily (fixed-shape greedy steps); sampling takes the dynamic "
-                   "path: drop --temperature or drop --static", err=True)
-        raise typer.Exit(2)
     if speculative:
         import time
 

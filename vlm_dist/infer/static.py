@@ -120,23 +120,29 @@ def graphed(fn, *inputs: torch.Tensor):
     each call copies its arguments into the captured input buffers and replays (the outputs are the
     captured buffers: read them before the next call). On a CPU, `fn` itself. The warm-up and the capture
     run `fn` on these very inputs (its cache writes are the ones the first call makes anyway)."""
-    if inputs[0].device.type != "cuda":
+    dev = inputs[0].device
+    if dev.type != "cuda":
         return fn
-    static = [x.clone() for x in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn(*static)
+    # Streams, capture and replay belong to the current device: make it the inputs' one (--device cuda:1).
+    # thread_local: another thread's CUDA calls (the training loader's pin-memory thread, while the trainer's
+    # generation eval captures) neither break this capture nor are broken by it.
+    with torch.cuda.device(dev):
+        static = [x.clone() for x in inputs]
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*static)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = fn(*static)
 
     def replay(*args: torch.Tensor):
-        for buf, x in zip(static, args):
-            buf.copy_(x)
-        graph.replay()
+        with torch.cuda.device(dev):
+            for buf, x in zip(static, args):
+                buf.copy_(x)
+            graph.replay()
         return outputs
 
     replay.fn = fn  # what the graph reads (the steps' stacked head weights) lives as long as the replay
