@@ -144,3 +144,50 @@ def test_static_decoding_refuses_sampling():
     model = untrained(2)
     with pytest.raises(ValueError, match="temperature 0"):
         generate(model, class_images([0]), mixed_prompts(1), max_new_tokens=4, temperature=1.0, static=True)
+
+
+def test_later_decodes_replay_the_step_captured_by_the_first(monkeypatch, trained4):  # noqa: F811
+    """An evaluation's batches: decodes of one shape capture once (graphed is called once per decoder), replay
+    that step over the kept cache (emptied in between: an earlier decode's keys beyond each row's length stay
+    masked), and still decode greedy's tokens; a weight change or drop_decode_caches makes a new capture."""
+    import copy
+
+    import vlm_dist.infer.generate as gen
+    import vlm_dist.infer.speculative as spec
+    from vlm_dist.infer import static as static_mod
+
+    captures = []
+
+    def counting(fn, *inputs):
+        captures.append(fn.__name__)
+        return replaying(fn, *inputs)
+
+    monkeypatch.setattr(gen, "graphed", counting)
+    monkeypatch.setattr(spec, "graphed", counting)
+    model = copy.deepcopy(trained4)
+    batches = [(class_images([0, 1, 2, 1], noise=0.1, seed=s), mixed_prompts(4)[::d]) for s, d in [(1, 1), (2, -1), (3, 1)]]
+    for images, prompts in batches:  # the second batch's prompts are in the other order: other lengths per row
+        want = generate(model, images, prompts, max_new_tokens=20, static=False)
+        assert generate(model, images, prompts, max_new_tokens=20, static=True) == want
+        assert speculative_generate_batch(model, images, prompts, max_new_tokens=20, static=True)[0] == want
+    assert captures == ["greedy", "verify"]  # three decodes each, one capture each
+    with torch.no_grad():
+        next(model.extra_heads.parameters()).mul_(0.5)  # as an optimizer step would: a version bump
+    images, prompts = batches[0]
+    want = generate(model, images, prompts, max_new_tokens=20, static=False)
+    assert speculative_generate_batch(model, images, prompts, max_new_tokens=20, static=True)[0] == want
+    assert captures == ["greedy", "verify", "verify"]
+    model.drop_decode_caches()  # what the trainer's eval does before decoding (ZeRO writes through .data)
+    assert generate(model, images, prompts, max_new_tokens=20, static=True) == want
+    assert captures == ["greedy", "verify", "verify", "greedy"]
+    for B in range(1, 2 + static_mod.MAX_SESSIONS):  # more shapes than are kept: the oldest go first
+        generate(model, class_images([0] * B), mixed_prompts(B), max_new_tokens=3, static=True)
+    assert len(model._static_sessions) == static_mod.MAX_SESSIONS
+    assert [k[1] for k in model._static_sessions] == list(range(2, 2 + static_mod.MAX_SESSIONS))
+    from vlm_dist.infer.generate import decoding
+
+    model.train()  # the trainer's generation eval: nothing kept on the device once training resumes
+    with decoding(model):
+        assert generate(model, images, prompts, max_new_tokens=20, static=True) == want
+        assert len(model._static_sessions) == 1
+    assert model.training and "_static_sessions" not in model.__dict__

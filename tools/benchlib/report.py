@@ -165,16 +165,17 @@ def render(results: dict) -> str:
         lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, random weights: how many draft tokens "
                   "are accepted depends on what the random model happens to predict (it often repeats one token), "
                   "so read this as the decoding machinery's cost at the preset's width, not a trained model's speed-up)", "",
-                  "Static: fixed-shape steps replayed as CUDA graphs (vlm_dist/infer/static.py; captured inside "
-                  "each timed decode).", "",
+                  "Static: fixed-shape steps replayed as CUDA graphs (vlm_dist/infer/static.py): the first decode of "
+                  "a batch size captures them (its tokens/s in brackets), later ones replay them.", "",
                   "| batch | new tokens/row | greedy tokens/s | speculative tokens/s | spec / greedy "
-                  "| tokens per spec call | rows identical | static greedy tokens/s | static spec tokens/s "
+                  "| tokens per spec call | rows identical | static greedy tokens/s (first) | static spec tokens/s (first) "
                   "| static spec / greedy | static rows identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in dec["rows"]:
             lines.append(f"| {r['batch']} | {r['new_tokens']} | {r['greedy_tokens_s']:.0f} | {r['speculative_tokens_s']:.0f} "
                          f"| {r['speculative_tokens_s'] / r['greedy_tokens_s']:.2f} | {r['tokens_per_call']:.2f} "
                          f"| {r['identical_rows']}/{r['batch']} | {r['greedy_static_tokens_s']:.0f} "
-                         f"| {r['speculative_static_tokens_s']:.0f} "
+                         f"({r['greedy_static_first_tokens_s']:.0f}) | {r['speculative_static_tokens_s']:.0f} "
+                         f"({r['speculative_static_first_tokens_s']:.0f}) "
                          f"| {r['speculative_static_tokens_s'] / r['greedy_tokens_s']:.2f} "
                          f"| {r['static_identical_rows']}/{r['batch']} |")
         lines.append("")

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from vlm_dist.infer.static import StaticSteps, graphed, static_default
+from vlm_dist.infer.static import StaticSteps, graphed, session, static_default
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
@@ -34,8 +34,8 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 @contextlib.contextmanager
 def decoding(model):
     """`with decoding(model): ...` runs a decode in eval mode and hands the model back in the mode it came
-    in, also when the decode raises. A model in training first drops its decode caches
-    (VLM.drop_decode_caches): ZeRO's optimizer writes the weights through .data, which bumps no version.
+    in, also when the decode raises. A model in training drops its decode caches (VLM.drop_decode_caches)
+    before (ZeRO's optimizer writes the weights through .data, which bumps no version) and after.
     eval() walks every module (~1 ms with the vision tower), so it runs only when the model was training."""
     was_training = model.training
     if was_training:
@@ -44,7 +44,8 @@ def decoding(model):
     try:
         yield
     finally:
-        if was_training:
+        if was_training:  # nor keep them (a static session's KV cache and graph) on the GPU while training
+            model.drop_decode_caches()
             model.train()
 
 
@@ -83,19 +84,24 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
     ends = torch.tensor([l + max_new_tokens for l in lengths], device=device)
     in_prompt_len = torch.tensor(lengths, device=device)
     with decoding(model):
-        cache = model.new_cache(B) if use_cache else None
+        if static:  # a cache whose step an earlier decode of this shape may have captured already
+            sess = session(model, "greedy", B, model.cfg.max_seq_len)
+            cache, run = sess.cache, sess.run
+        else:
+            cache, run = (model.new_cache(B) if use_cache else None), None
         pos = start
         greedy = temperature <= 0
-        run = dev_lengths = None
+        dev_lengths = None
 
         def cached_next(ids: torch.Tensor) -> torch.Tensor:
             """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
             the (B, V) logits; sampling: the last position's logits (B, V)."""
             nonlocal run, dev_lengths
             if static and cache.lengths[0] > 0:  # after the prefill: one fixed-shape step (every row at one length)
-                if run is None:
+                if dev_lengths is None:
                     dev_lengths = torch.full((B,), cache.lengths[0], device=device)
-                    run = graphed(StaticSteps(model, cache).greedy, ids, dev_lengths)
+                if run is None:
+                    run = sess.run = graphed(StaticSteps(model, cache).greedy, ids, dev_lengths)
                 nxt = run(ids, dev_lengths)
                 cache.advance(1)
                 dev_lengths.add_(1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from vlm_dist.infer.generate import decoding
-from vlm_dist.infer.static import StaticSteps, graphed, static_default
+from vlm_dist.infer.static import StaticSteps, graphed, session, static_default
 from vlm_dist.text import get_tokenizer
 
 @torch.no_grad()
@@ -58,7 +58,8 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
             ids[b, : len(p)] = torch.tensor(p, device=device)
         # n spare cache slots: a call near the end of the context writes drafts past max_seq_len. Every token
         # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
-        cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
+        sess = session(model, "verify", B, model.cfg.max_seq_len + n) if static else None
+        cache = sess.cache if static else model.new_cache(B, max_len=model.cfg.max_seq_len + n)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
         heads = model.fused_heads()  # the draft heads stacked, for this decode
         nxt, _, guesses = model.verify_step(ids, cache, images=images, last=last, heads=heads)
@@ -69,14 +70,15 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
         live = list(range(B))  # the original row of each row still in the batch
         calls = row_calls = 0
         accepted_at = [0] * n
-        run = lengths = active = None
+        run, lengths, active = (sess.run if static else None), None, None
         while live:
             base = cache.lengths
             if static:  # the whole batch every call; finished rows' lengths stay put
-                if run is None:
+                if lengths is None:
                     lengths = torch.tensor(base, device=device)
                     active = torch.ones(B, dtype=torch.long, device=device)  # rows still decoding
-                    run = graphed(StaticSteps(model, cache).verify, draft, lengths)
+                if run is None:
+                    run = sess.run = graphed(StaticSteps(model, cache).verify, draft, lengths)
                 nxt, at, guesses = run(draft, lengths)
                 cache.advance(n)
             else:

@@ -4,6 +4,7 @@
     nxt, last, guesses = StaticSteps(model, cache).verify(draft, lengths) # one self-speculative verify call
     generate(model, images, prompts, static=True)                         # infer/generate.py
     speculative_generate_batch(model, images, prompts, static=True)       # infer/speculative.py
+    s = session(model, "greedy", B, max_len)   # a cache + the step captured over it by an earlier decode
 
 The cached decoding in model/ (KVCache, Block.decode) slices the cache at Python-int lengths, so a step's
 shapes and host work change from call to call. Here a step takes each row's length as a device tensor,
@@ -22,6 +23,11 @@ the dynamic path decodes (tests/test_static_decode.py; on a GPU the kernels diff
 so a near-tie could round either way).
 
 The prefill (image tower + prompts, variable length) stays on the dynamic path and fills the same KVCache.
+
+A capture costs about three eager steps (two warm-ups, the capture), which round 9 paid inside every timed decode.
+`session` keeps each decode's cache and captured step on the model, so the next decode of the same kind, batch
+size, cache length, device and dtype (an evaluation's batches, the trainer's generation evals) replays the graph
+captured before; the steps read the cache and every weight in place, and a change of weights starts afresh.
 """
 
 from __future__ import annotations
@@ -29,13 +35,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from collections import OrderedDict
+
 from vlm_dist.model.decoder import KVCache
+
+MAX_SESSIONS = 4  # sessions kept per model (an evaluation needs two per decoder: its batch size and the last batch's)
 
 
 def static_default(device: torch.device) -> bool:
     """Whether greedy decoding takes the fixed-shape steps when the caller does not say: on a CUDA device
     (replayed as CUDA graphs, several times faster there), not on a CPU (no graphs: slightly slower)."""
     return device.type == "cuda"
+
+
+class Session:
+    """One decode shape's KV cache and the static step captured over it (`run`, None until the first decode
+    captures it), kept on the model by `session`."""
+
+    def __init__(self, cache: KVCache, weights: tuple) -> None:
+        self.cache, self.weights, self.run = cache, weights, None
+
+
+def session(model, kind: str, batch: int, max_len: int) -> Session:
+    """The Session for `kind` ("greedy" or "verify") decodes of `batch` rows over a `max_len` cache, its cache
+    emptied (lengths 0: the prefill writes from the start, and the steps mask what an earlier decode left
+    beyond each row's length). Reused from an earlier decode while no weight has changed: an optimizer step,
+    a load or .to() changes a parameter's (data_ptr, _version); a write through `.data` (DeepSpeed's ZeRO)
+    changes neither, and VLM.drop_decode_caches drops the sessions for it. At most MAX_SESSIONS, least
+    recently used first out."""
+    p = model.lm_head.weight
+    key = (kind, batch, max_len, p.device, p.dtype)
+    weights = tuple((w.data_ptr(), w._version) for w in model.parameters())
+    store = model.__dict__.setdefault("_static_sessions", OrderedDict())
+    s = store.get(key)
+    if s is None or s.weights != weights:
+        s = store[key] = Session(model.new_cache(batch, max_len), weights)
+    s.cache.crop(0)
+    store.move_to_end(key)
+    while len(store) > MAX_SESSIONS:
+        store.popitem(last=False)
+    return s
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -292,7 +292,7 @@ class VLM(nn.Module):
         return self._argmax
 
     def drop_decode_caches(self) -> None:
-        """Forget the argmax table and the stacked heads; the next decode rebuilds them from the weights
+        """Forget the argmax table, the stacked heads and the static decoding sessions; the next decode rebuilds them from the weights
         (0.3 s at the demo width, 2.3 s at base width, on one core of the 2-core EPYC; once per
         generation eval in training). Their keys (data_ptr, _version) catch an optimizer step of plain
         PyTorch, a load and .to(), but not a write through `.data`, which is how DeepSpeed's ZeRO
@@ -303,3 +303,4 @@ class VLM(nn.Module):
         weights, keeps no second copy of the (V, D) unembedding (150 MB at base width)."""
         self._argmax_key = self._fused_key = None
         self._argmax = self._fused = None
+        self.__dict__.pop("_static_sessions", None)  # infer/static.py: steps captured over the old weights
