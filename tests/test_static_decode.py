@@ -191,3 +191,29 @@ def test_later_decodes_replay_the_step_captured_by_the_first(monkeypatch, traine
         assert generate(model, images, prompts, max_new_tokens=20, static=True) == want
         assert len(model._static_sessions) == 1
     assert model.training and "_static_sessions" not in model.__dict__
+
+
+def test_sessions_start_clean_and_go_with_the_model(trained4):  # noqa: F811
+    """A kept cache is zeroed before reuse (a NaN an earlier decode left in a masked slot would still poison the
+    attention's sum), .to() drops the sessions, and they hold no reference cycle: the model is freed at `del`."""
+    import copy
+    import gc
+    import weakref
+
+    model = copy.deepcopy(trained4)
+    images, prompts = class_images([0, 1, 2, 1], noise=0.1, seed=5), mixed_prompts(4)
+    want = generate(model, images, prompts, max_new_tokens=20, static=False)
+    assert speculative_generate_batch(model, images, prompts, max_new_tokens=20, static=True)[0] == want
+    for s in model._static_sessions.values():
+        s.cache.k.fill_(float("nan"))  # what a bad sample could leave behind
+    assert speculative_generate_batch(model, images, prompts, max_new_tokens=20, static=True)[0] == want
+    model.to(torch.float32)
+    assert "_static_sessions" not in model.__dict__
+    assert generate(model, images, prompts, max_new_tokens=20, static=True) == want
+    gc.disable()
+    try:
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

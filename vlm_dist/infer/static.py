@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import weakref
 from collections import OrderedDict
 
 from vlm_dist.model.decoder import KVCache
@@ -67,14 +68,24 @@ def session(model, kind: str, batch: int, max_len: int) -> Session:
     key = (kind, batch, max_len, p.device, p.dtype)
     weights = tuple((w.data_ptr(), w._version) for w in model.parameters())
     store = model.__dict__.setdefault("_static_sessions", OrderedDict())
+    if any(other.weights != weights for other in store.values()):
+        store.clear()  # the weights changed: every session's step read the old ones (its stacked heads)
     s = store.get(key)
-    if s is None or s.weights != weights:
+    if s is None:
         s = store[key] = Session(model.new_cache(batch, max_len), weights)
-    s.cache.crop(0)
+    else:  # emptied: a masked key is never attended, but a masked NaN or inf (a bad image) would still poison
+        s.cache.crop(0)  # the attention's weighted sum (0 x NaN), row by row, in every later decode
+        s.cache.k.zero_()
+        s.cache.v.zero_()
     store.move_to_end(key)
     while len(store) > MAX_SESSIONS:
         store.popitem(last=False)
     return s
+
+
+def drop_sessions(model) -> None:
+    """Forget the model's sessions: their KV caches and captured steps (and the GPU memory they hold)."""
+    model.__dict__.pop("_static_sessions", None)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,8 +98,12 @@ class StaticSteps:
     buffers but leave its Python `lengths` to the caller."""
 
     def __init__(self, model, cache: KVCache) -> None:
-        self.model, self.cache = model, cache
+        # a weak reference: the model keeps its sessions, which keep their steps (no reference cycle, so `del
+        # model` frees the GPU memory without waiting for the garbage collector)
+        self.model, self.cache = weakref.proxy(model), cache
         self.heads = None  # the stacked extra heads, built by the first verify (its eager warm-up on a GPU)
+        # kept here: a captured step reads this tensor's memory, which the model replaces for another dtype
+        self.table = model._position_table(cache.k.dtype, cache.k.device)
 
     def _trunk(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, T) at positions lengths[b] + 0..T-1 -> (trunk states (B, T, D), positions (B, T))."""
@@ -97,7 +112,7 @@ class StaticSteps:
         M, dev = k_all.shape[3], ids.device
         pos = lengths[:, None] + torch.arange(T, device=dev)  # (B, T)
         x = model.tok_emb(ids)
-        x = x + model._position_table(x.dtype, dev)[pos]
+        x = x + self.table[pos]
         keys = torch.arange(M, device=dev)
         causal = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, M): also hides stale keys
         masks = {0: _additive(causal, x.dtype)}

@@ -304,3 +304,10 @@ class VLM(nn.Module):
         self._argmax_key = self._fused_key = None
         self._argmax = self._fused = None
         self.__dict__.pop("_static_sessions", None)  # infer/static.py: steps captured over the old weights
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .cuda(), .half() ...: the decode caches hold tensors of the old device or dtype (a captured
+        decoding step's KV cache and graph among them), so they go first."""
+        self.drop_decode_caches()
+        self._pos_key = self._pos_table = None
+        return super()._apply(fn, *args, **kwargs)
