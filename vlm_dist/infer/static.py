@@ -32,11 +32,11 @@ captured before; the steps read the cache and every weight in place, and a chang
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import weakref
 from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
 
 from vlm_dist.model.decoder import KVCache
 
