@@ -260,3 +260,17 @@ def test_a_rerun_keeps_finished_feature_shards_and_redoes_changed_ones(data, tmp
     other = precompute_features(str(tmp_path / "src"), tmp_path / "out", load_config("tiny", [*FROZEN, "train.seed=1"]),
                                 workers=0, progress=False)
     assert other["kept"] == 0  # another tower's weights: nothing kept
+
+
+def test_the_decoding_processes_import_no_torch():
+    """precompute-features' spawned decoders import only the module of their job (pixels_job): PIL, not torch,
+    which took ~1 s per process to import (docs/bench/gpu_round9.md)."""
+    import subprocess
+    import sys
+
+    from vlm_dist.data.images import pixels_job
+
+    code = (f"import sys; import {pixels_job.__module__}; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vlm_dist.data.images import pixels_job
 from vlm_dist.data.manifest import MANIFEST, Shard, ShardSpecError, resolve_shards
 from vlm_dist.data.tario import TarWriter, kept_stats, write_json_atomic
 
@@ -113,17 +114,6 @@ def check_features(record: dict | None, vision_cfg, fingerprint: str | None = No
                            f"this run's model.vision.pretrained")
 
 
-def _pixels(item: tuple[str, bytes, int]) -> tuple[str, bytes | None, str | None]:
-    """Worker: (key, jpg bytes, size) -> (key, the tower's uint8 crop as bytes or None, why not)."""
-    from vlm_dist.data.images import model_pixels
-
-    key, raw, size = item
-    try:
-        return key, model_pixels(raw, size).tobytes(), None
-    except Exception as err:  # PIL raises many types for a bad image; counted and reported, never fatal
-        return key, None, f"{type(err).__name__}: {err}"
-
-
 def _write_shard(url: str, out: Path, pool, encoder, normalize, size: int, dtype: torch.dtype, dev: torch.device,
                  batch_size: int, bar) -> dict:
     """One source shard's feature shard: its samples in the members' name order, tokens for the .jpg."""
@@ -148,7 +138,7 @@ def _write_shard(url: str, out: Path, pool, encoder, normalize, size: int, dtype
         raise FeatureError(f"{url} holds two samples with one key; a feature shard keeps one per key: rewrite the "
                            f"source shards (vlm-dist shard-coco writes unique keys)")
     items = [(r["__key__"], r["jpg"], size) for r in raws]
-    decoded = pool.imap(_pixels, items, chunksize=16) if pool else map(_pixels, items)
+    decoded = pool.imap(pixels_job, items, chunksize=16) if pool else map(pixels_job, items)
     name = Path(url).name
     written = 0
     with TarWriter(out / name, sync_dir=False) as tar:

@@ -208,6 +208,18 @@ def model_pixels(raw: bytes, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def pixels_job(item: tuple[str, bytes, int]) -> tuple[str, bytes | None, str | None]:
+    """A decoding process's job (precompute-features): (key, image bytes, size) -> (key, model_pixels' uint8
+    crop as bytes, or None and why not). Here, not beside its caller: a spawned process imports this module
+    alone (PIL; 0.02 s), not torch (~1 s each): 2 spawned processes and their first 8 images took 1.18 s before
+    and 0.07 s after the move on a 2-core AMD EPYC (docs/bench/gpu_round9.md)."""
+    key, raw, size = item
+    try:
+        return key, model_pixels(raw, size).tobytes(), None
+    except Exception as err:  # PIL raises many types for a bad image; counted and reported, never fatal
+        return key, None, f"{type(err).__name__}: {err}"
+
+
 def decode_rgb(raw: bytes, size: int) -> Image.Image:
     """Loader-side decode: JPEG draft mode (DCT scaling) when the image is at least twice the target,
     so a 640x480 COCO image decodes at 320x240 for a 224 tower; then RGB."""
