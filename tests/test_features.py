@@ -154,7 +154,7 @@ def test_a_damaged_feature_member_names_the_sample_and_the_fix():
         decode(encode(torch.zeros(3, 4)), "k8", "x.tar", (16, 32))
 
 
-def test_precompute_refuses_a_tower_that_trains_and_feature_shards_as_input(data, tmp_path):
+def test_precompute_refuses_a_tower_that_trains_feature_shards_as_input_and_a_missing_gpu(data, tmp_path):
     shards, feat = data
     cli = [sys.executable, "-m", "vlm_dist.cli", "precompute-features", "--config", "tiny", "--no-progress",
            "--workers", "0", "--out", str(tmp_path / "out")]
@@ -164,6 +164,9 @@ def test_precompute_refuses_a_tower_that_trains_and_feature_shards_as_input(data
     again = subprocess.run(cli + ["--shards", str(feat / "val"), "--set", "model.vision.freeze=true"], capture_output=True,
                            text=True, env=train_env(), cwd=REPO, timeout=300)
     assert again.returncode == 2 and "holds feature shards already" in again.stderr, again.stderr
+    gpu = subprocess.run(cli + ["--shards", str(shards / "val"), "--set", "model.vision.freeze=true", "--device", "cuda:7"],
+                         capture_output=True, text=True, env=train_env(CUDA_VISIBLE_DEVICES=""), cwd=REPO, timeout=300)
+    assert gpu.returncode == 2 and "--device cuda:7: torch sees 0 CUDA GPU(s)" in gpu.stderr, gpu.stderr  # vlm_dist.devices
     manifest = json.loads((feat / "val" / "manifest.json").read_text())
     assert manifest["features"]["tokens"] == 16 and manifest["features"]["dtype"] == "fp32"
 

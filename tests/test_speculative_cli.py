@@ -120,7 +120,7 @@ def test_static_steps_follow_the_flag_and_the_device_default(export_and_shards, 
 def test_device_flag_picks_where_to_decode_and_refuses_what_torch_cannot_use(export_and_shards, monkeypatch):
     """--device auto decodes on the GPU when torch sees one (the CLI once decoded on the CPU beside an idle H200),
     else on the CPU; a device torch cannot use is a clear error, not a crash inside a kernel."""
-    from vlm_dist.infer.load import pick_device
+    from vlm_dist.devices import pick_device
 
     root, _ = export_and_shards
     image = next((root / "data" / "images" / "val2017").glob("*.jpg"))

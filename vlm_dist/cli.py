@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from vlm_dist.devices import CHOICES as DEVICE_CHOICES
+
 app = typer.Typer(
     help="vlm-dist: train, shard data for, export and run a small vision-language model.",
     no_args_is_help=True,
@@ -23,7 +25,7 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "1 / 8 on one thread, 1.38x / 1.22x on two (greedy's argmax is certified from a shortlist too, "
                     "so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
-DEVICE_HELP = "Where to decode: auto (the first GPU when torch sees one, else the CPU), cpu, cuda or cuda:N."
+DEVICE_HELP = f"Where to decode: {DEVICE_CHOICES}."
 STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
                "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
                "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "
@@ -228,7 +230,7 @@ def precompute_features_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="Tower precision and stored dtype: auto (bf16 on a GPU with "
                               "bf16, else fp32), bf16, fp16 or fp32. Train in the same precision to feed the "
                               "model what its tower would have computed."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:N."),
+    device: str = typer.Option("auto", "--device", help=f"Where the tower runs: {DEVICE_CHOICES}."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (stderr)."),
 ) -> None:
     """Run the frozen vision tower once over image shards and write shards of its output tokens.
@@ -239,13 +241,14 @@ def precompute_features_cmd(
     from vlm_dist.config import ConfigError, load_config
     from vlm_dist.data.features import FeatureError, precompute_features
     from vlm_dist.data.manifest import ShardSpecError
+    from vlm_dist.devices import DeviceError
     from vlm_dist.model.vision import PretrainedWeightsError
 
     try:
         cfg = load_config(config, set_ or [])
         summary = precompute_features(shards, out, cfg, batch_size=batch_size, workers=workers, dtype=dtype,
                                       device=device, progress=progress)
-    except (ConfigError, FeatureError, ShardSpecError, PretrainedWeightsError) as err:
+    except (ConfigError, DeviceError, FeatureError, ShardSpecError, PretrainedWeightsError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
@@ -365,7 +368,8 @@ def generate_cmd(
 
     from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import fit_max_new_tokens, generate_text
-    from vlm_dist.infer.load import ExportError, load_exported, pick_device
+    from vlm_dist.devices import DeviceError, pick_device
+    from vlm_dist.infer.load import ExportError, load_exported
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
     if static and temperature > 0:
@@ -375,7 +379,7 @@ def generate_cmd(
     try:
         model, cfg = load_exported(model_dir, device=pick_device(device))
         max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens)
-    except (ExportError, ValueError) as err:
+    except (ExportError, DeviceError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     if note:
@@ -433,7 +437,8 @@ def eval_cmd(
     from vlm_dist.data.features import FeatureError
     from vlm_dist.data.manifest import ShardSpecError
     from vlm_dist.infer.evaluate import EvalDataError, evaluate_generation, format_metrics, write_results
-    from vlm_dist.infer.load import ExportError, load_exported, pick_device
+    from vlm_dist.devices import DeviceError, pick_device
+    from vlm_dist.infer.load import ExportError, load_exported
 
     try:
         model, cfg = load_exported(model_dir, device=pick_device(device))
@@ -441,7 +446,7 @@ def eval_cmd(
             _note_no_drafts(cfg.n_future)
         result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      speculative=speculative, static=static)
-    except (ExportError, ShardSpecError, EvalDataError, FeatureError) as err:
+    except (ExportError, DeviceError, ShardSpecError, EvalDataError, FeatureError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     write_results(result, out)

@@ -29,6 +29,7 @@ import torch
 from vlm_dist.data.images import pixels_job
 from vlm_dist.data.manifest import MANIFEST, Shard, ShardSpecError, resolve_shards
 from vlm_dist.data.tario import TarWriter, kept_stats, write_json_atomic
+from vlm_dist.devices import pick_device
 
 EXT = "safetensors"  # the member that holds a sample's tokens (safetensors: no pickle, shape and dtype inside)
 FORMAT = "vlm-dist/tower-features/1"
@@ -197,7 +198,7 @@ def precompute_features(src: str, out: Path, cfg, *, batch_size: int = 64, worke
     if (out / MANIFEST).is_file() and directory_record(out) is None:
         raise FeatureError(f"--out {out} holds image shards (its {MANIFEST} has no features record): give an "
                            f"empty folder or one that precompute-features wrote")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = pick_device(device)
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if dtype not in DTYPES:

@@ -1,6 +1,6 @@
 """Rebuild a model from an export directory (model.safetensors + config.json) without DeepSpeed.
 
-    model, cfg = load_exported("exports/demo", device=pick_device("auto"))   # the first GPU if any, else the CPU
+    model, cfg = load_exported("exports/demo", device=pick_device("auto"))   # vlm_dist.devices: the first GPU if any
 """
 
 from __future__ import annotations
@@ -36,25 +36,6 @@ def read_export_config(directory: str | Path) -> dict:
         raise ExportError(f"{path}: exported with tokenizer {meta.get('tokenizer')} ({meta.get('vocab_size')} ids), "
                           f"this install has {tok.name} ({tok.vocab_size} ids)")
     return meta
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto": the first CUDA GPU when torch sees one, else the CPU; "cpu", "cuda" or "cuda:N" as given, after
-    checking that torch can use it (a clear error, not a crash inside the first kernel)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ExportError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ExportError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ExportError(f"--device {name}: torch sees {count} CUDA GPU(s) (torch {torch.__version__}, CUDA "
-                              f"build {torch.version.cuda}); use --device cpu or auto")
-    return device
 
 
 def build_model(model_cfg: ModelConfig):
