@@ -5,6 +5,7 @@
     python tools/bench_decode.py --model runs/quick4 --scenes 32 --base      # + the base-width projection
     python tools/bench_decode.py --cache-table                               # cached vs uncached greedy
     python tools/bench_decode.py --model runs/demo/export --profile          # where a step's / a call's time goes
+    python tools/bench_decode.py --model runs/quick4 --dtype bf16 --packing both --base   # bf16, packed weights vs F.linear
 
 1. Trained model (--model, an export folder), per thread count (--threads) and batch size (--batches):
    greedy as before issue 9 (lm_head logits then argmax), greedy (`generate`, temperature 0: one
@@ -19,6 +20,8 @@
    with every row decoding all --new-tokens, prefill included, divided by their calls). The projected
    speed-up is tokens-per-call (measured on the trained model in part 1) x greedy step / verify call;
    the same projection at the demo width is printed beside its measured speed-up as a check.
+   --dtype bf16 runs both parts in bf16; on a CPU, --packing both puts the decoders' linears through weights
+   packed once for oneDNN (vlm_dist/model/packed.py) and through F.linear side by side.
 3. --cache-table: cached vs uncached greedy with random demo-architecture weights (every row decodes
    the full --new-tokens, so tokens/s compare like with like).
 """
@@ -100,7 +103,7 @@ def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) 
     rows = [r for out, _ in spec for r in out]
     stats = merge_stats([s for _, s in spec])
     tokens = sum(map(len, greedy))
-    return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy,
+    return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy, "rows": rows,
             "legacy_tps": tokens / statistics.median(l_t), "greedy_tps": tokens / statistics.median(g_t),
             "spec_tps": stats["tokens"] / statistics.median(s_t), "speedup": statistics.median(g_t) / statistics.median(s_t),
             "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"],
@@ -177,20 +180,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the trained model's inference dtype (part 1)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="inference dtype of the trained model (part 1) and of the --base models")
+    p.add_argument("--packing", default="on", choices=["on", "off", "both"],
+                   help="bf16 on a CPU: decode through weights packed for oneDNN (model/packed.py), F.linear, or both side by side")
     p.add_argument("--base", action="store_true", help="also the base-width call costs and projected speed-up")
     p.add_argument("--cache-table", action="store_true", help="also cached vs uncached greedy (random demo weights)")
     p.add_argument("--profile", action="store_true", help="only profile one greedy step and one verify call per --batches (1 thread)")
     args = p.parse_args(argv)
     from vlm_dist.config import load_config
-    from vlm_dist.model import VLM
+    from vlm_dist.model import VLM, packed
 
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    # packing applies to bf16 on a CPU only: fp32 rows are F.linear's whatever --packing says
+    packings = {"on": [True], "off": [False], "both": [False, True]}[args.packing] if args.dtype == "bf16" else [False]
+
+    def pack_label(pack: bool) -> str:
+        return "yes" if pack and packed.AVAILABLE else "no"
     print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at start")
     results = {}
     if args.model:
         from vlm_dist.infer.load import load_exported
 
-        model, cfg = load_exported(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        model, cfg = load_exported(args.model, dtype=dtype)
         images = load_images(model, args.shards, args.scenes)
         if args.profile:
             torch.set_num_threads(1)
@@ -198,41 +209,50 @@ def main(argv: list[str] | None = None) -> None:
                 profile_calls(model, images, B)
             return
         print(f"\n{args.model} (n_future={cfg.n_future}, {args.dtype}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
-              "| threads | batch | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up (wall) | speed-up (CPU time) | "
-              "tokens/call | accepted per draft position | identical | uncertified argmax rows |\n|---|---|---|---|---|---|---|---|---|---|---|")
+              "| threads | batch | packed | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up (wall) | speed-up (CPU time) | "
+              "tokens/call | accepted per draft position | identical | uncertified argmax rows |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+        outputs = {}
         for threads in args.threads:
             torch.set_num_threads(threads)
             for B in args.batches:
-                r = results[threads, B] = compare(model, images, B, args.new_tokens, args.repeats)
-                acc = " ".join(f"{a:.2f}" for a in r["accepted"])
-                print(f"| {threads} | {B} | {r['legacy_tps']:.0f} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | {r['speedup']:.2f}x | "
-                      f"{r['cpu_speedup']:.2f}x | {r['tokens_per_call']:.2f} | {acc} | {r['identical']} | {r['fallback']:.1%} |", flush=True)
+                for pack in packings:
+                    packed.enabled = pack
+                    r = results[threads, B] = compare(model, images, B, args.new_tokens, args.repeats)
+                    outputs.setdefault(pack, r["rows"])
+                    acc = " ".join(f"{a:.2f}" for a in r["accepted"])
+                    print(f"| {threads} | {B} | {pack_label(pack)} | {r['legacy_tps']:.0f} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | "
+                          f"{r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | {r['tokens_per_call']:.2f} | {acc} | {r['identical']} | "
+                          f"{r['fallback']:.1%} |", flush=True)
+        if len(outputs) == 2:
+            print(f"packed and F.linear decode the same tokens: {outputs[True] == outputs[False]}")
     if args.base and results:
         widths = {"demo (random weights)": load_config("demo", ["model.n_future=4"]).model,
                   "base 24x768 (random weights)": load_config("base", ["model.vision.model_name=vlm-tiny-vit", "model.vision.freeze=false",
                                                                       "model.vision.pretrained=null"]).model}
-        print("\nprice of a call (random weights), projected speed-up = tokens/call (trained, above) x greedy step / call.\n"
+        print(f"\nprice of a call ({args.dtype}, random weights), projected speed-up = tokens/call (trained, above) x greedy step / call.\n"
               "argmax 'full': random weights fail the certificate, every argmax row falls back to the full matmul;\n"
               "'certified': the certificate's checks run but every row counts as certified (timing only: the trained\n"
               "demo model certifies all its rows, a trained base model is assumed to)\n"
-              "| decoder | argmax | threads | batch | greedy step ms | speculative call ms | call / step | projected speed-up | measured (trained demo) |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              "| decoder | argmax | threads | batch | packed | greedy step ms | speculative call ms | call / step | projected speed-up | measured (trained demo) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
         for name, mcfg in widths.items():
             torch.manual_seed(0)
-            m = VLM(mcfg).eval()
+            m = VLM(mcfg).to(dtype).eval()
             for mode in ("full", "certified"):
                 if mode == "certified":
                     m.argmax_table().slack = float("-inf")  # every row passes (the weights do not change meanwhile)
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     for B in args.batches:
-                        c = call_costs(m, B, args.new_tokens, args.repeats)
-                        r = results.get((threads, B))
-                        ratio = c["spec_call_s"] / c["greedy_step_s"]
-                        proj = f"{r['tokens_per_call'] / ratio:.2f}x" if r else "-"
-                        meas = f"{r['speedup']:.2f}x" if r and name.startswith("demo") else ""
-                        print(f"| {name} | {mode} | {threads} | {B} | {1e3 * c['greedy_step_s']:.2f} | {1e3 * c['spec_call_s']:.2f} | "
-                              f"{ratio:.2f} | {proj} | {meas} |", flush=True)
+                        for pack in packings:
+                            packed.enabled = pack
+                            c = call_costs(m, B, args.new_tokens, args.repeats)
+                            r = results.get((threads, B))
+                            ratio = c["spec_call_s"] / c["greedy_step_s"]
+                            proj = f"{r['tokens_per_call'] / ratio:.2f}x" if r else "-"
+                            meas = f"{r['speedup']:.2f}x" if r and name.startswith("demo") else ""
+                            print(f"| {name} | {mode} | {threads} | {B} | {pack_label(pack)} | {1e3 * c['greedy_step_s']:.2f} | "
+                                  f"{1e3 * c['spec_call_s']:.2f} | {ratio:.2f} | {proj} | {meas} |", flush=True)
     if args.cache_table:
         from vlm_dist.infer.generate import generate
         from vlm_dist.text import get_tokenizer, prompt_tokens

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from vlm_dist.infer.static import StaticSteps, drop_sessions, graphed, session, static_default
+from vlm_dist.infer.static import StaticSteps, graphed, session, static_default
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
@@ -36,7 +36,8 @@ def decoding(model):
     """`with decoding(model): ...` runs a decode in eval mode and hands the model back in the mode it came
     in, also when the decode raises. A model in training first drops its decode caches
     (VLM.drop_decode_caches): ZeRO's optimizer writes the weights through .data, which bumps no version;
-    and it keeps no static decoding session once it trains again (infer/static.py drop_sessions).
+    and it keeps nothing the decode made once it trains again: no static decoding session (infer/static.py),
+    no packed copy of the weights (model/packed.py).
     eval() walks every module (~1 ms with the vision tower), so it runs only when the model was training."""
     was_training = model.training
     if was_training:
@@ -45,8 +46,8 @@ def decoding(model):
     try:
         yield
     finally:
-        if was_training:  # no static session's KV cache and graph stays on the GPU while training
-            drop_sessions(model)
+        if was_training:  # no static session's KV cache and graph stays on the GPU, no packed weight copy, while training
+            model.drop_decode_caches()
             model.train()
 
 

@@ -83,11 +83,6 @@ def session(model, kind: str, batch: int, max_len: int) -> Session:
     return s
 
 
-def drop_sessions(model) -> None:
-    """Forget the model's sessions: their KV caches and captured steps (and the GPU memory they hold)."""
-    model.__dict__.pop("_static_sessions", None)
-
-
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
@@ -122,12 +117,12 @@ class StaticSteps:
             P = a.hide_image
             if P not in masks:  # text queries (position >= P) see no image key (< P): text_first_layers
                 masks[P] = _additive(causal & ((pos[:, None, :, None] < P) | (keys >= P)), x.dtype)
-            qkv = F.linear(block._norm(block.ln1, x), a.qkv.weight, a.qkv.bias)
+            qkv = block._linear(block._norm(block.ln1, x), a.qkv)
             q, k, v = qkv.view(B, T, 3, a.n_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
             k_all[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd) at each row's positions
             v_all[layer][rows, :, pos] = v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k_all[layer], v_all[layer], attn_mask=masks[P])  # (B, H, T, hd)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), a.out.weight, a.out.bias)
+            x = x + block._linear(y.transpose(1, 2).reshape(B, T, -1), a.out)
             x = x + block._mlp(block._norm(block.ln2, x))
         return x, pos
 

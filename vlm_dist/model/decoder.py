@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm_dist.model import packed
+
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """positions (T,) int -> (T, dim) float32: [sin(p w_0), cos(p w_0), sin(p w_1), ...] (Vaswani et al.)."""
@@ -226,9 +228,13 @@ class Block(nn.Module):
         was a third of a decoding step at the demo width (docs/bench/issue9_round3.md)."""
         B, T, D = x.shape
         a = self.attn
-        y = a.attend(F.linear(self._norm(self.ln1, x), a.qkv.weight, a.qkv.bias), cache, layer)  # (B, H, T, hd)
-        x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), a.out.weight, a.out.bias)
+        y = a.attend(self._linear(self._norm(self.ln1, x), a.qkv), cache, layer)  # (B, H, T, hd)
+        x = x + self._linear(y.transpose(1, 2).reshape(B, T, D), a.out)
         return x + self._mlp(self._norm(self.ln2, x))
+
+    def _linear(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """lin(x) as F.linear; in bf16 on a CPU through a packed copy of the weight (model/packed.py)."""
+        return packed.linear(self, x, lin.weight, lin.bias)
 
     @staticmethod
     def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +242,7 @@ class Block(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         up, act, down = self.mlp
-        return F.linear(F.gelu(F.linear(x, up.weight, up.bias), approximate=act.approximate), down.weight, down.bias)
+        return self._linear(F.gelu(self._linear(x, up), approximate=act.approximate), down)
 
 
 _COMPILED: dict[bool, object] = {}

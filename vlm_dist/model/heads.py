@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_dist.config import ModelConfig
+from vlm_dist.model import packed
 from vlm_dist.model.decoder import Block, KVCache, checkpointed
 
 
@@ -90,7 +91,7 @@ class FusedHeads:
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Every head's q, k, v at all T fed positions: (B, T, D) -> (B, T, m, 3, H, hd), one linear."""
         B, T, D = h.shape
-        return F.linear(F.layer_norm(h, (D,), eps=self.eps), self.qkv_w, self.qkv_b).view(B, T, self.m, 3, self.n_heads, self.head_dim)
+        return packed.linear(self, F.layer_norm(h, (D,), eps=self.eps), self.qkv_w, self.qkv_b).view(B, T, self.m, 3, self.n_heads, self.head_dim)
 
     def finish(self, h: torch.Tensor, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ends: torch.Tensor,
                at: torch.Tensor) -> torch.Tensor:

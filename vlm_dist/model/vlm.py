@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlm_dist.config import ModelConfig
+from vlm_dist.model import packed
 from vlm_dist.model.argmax import CertifiedArgmax
 from vlm_dist.model.decoder import Block, KVCache, checkpointed, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads, FusedHeads
@@ -292,7 +293,7 @@ class VLM(nn.Module):
         return self._argmax
 
     def drop_decode_caches(self) -> None:
-        """Forget the argmax table, the stacked heads and the static decoding sessions; the next decode rebuilds them from the weights
+        """Forget the argmax table, the stacked heads, the static decoding sessions and the packed bf16 weights; the next decode rebuilds them from the weights
         (0.3 s at the demo width, 2.3 s at base width, on one core of the 2-core EPYC; once per
         generation eval in training). Their keys (data_ptr, _version) catch an optimizer step of plain
         PyTorch, a load and .to(), but not a write through `.data`, which is how DeepSpeed's ZeRO
@@ -304,6 +305,7 @@ class VLM(nn.Module):
         self._argmax_key = self._fused_key = None
         self._argmax = self._fused = None
         self.__dict__.pop("_static_sessions", None)  # infer/static.py: steps captured over the old weights
+        packed.drop(self)  # bf16 weights packed for CPU decoding (model/packed.py)
 
     def _apply(self, fn, *args, **kwargs):
         """.to(), .cuda(), .half() ...: the decode caches hold tensors of the old device or dtype (a captured

@@ -1,0 +1,110 @@
+"""bf16 decoding on a CPU through weights packed once for oneDNN (model/packed.py) computes what F.linear
+computes, to the bit, and never from stale weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_dist.config import load_config
+from vlm_dist.infer.generate import generate
+from vlm_dist.infer.speculative import speculative_generate_batch
+from vlm_dist.model import VLM, packed
+from vlm_dist.text import get_tokenizer, prompt_tokens
+
+pytestmark = pytest.mark.skipif(not packed.AVAILABLE, reason="this torch build has no oneDNN packed linear; "
+                                                             "F.linear serves there and nothing is packed")
+tok = get_tokenizer()
+
+
+def bf16_model(n_future: int, seed: int = 0) -> VLM:
+    torch.manual_seed(seed)
+    return VLM(load_config("tiny", [f"model.n_future={n_future}", "model.max_seq_len=64"]).model).eval().to(torch.bfloat16)
+
+
+def packed_copies(model: VLM) -> int:
+    owners = [*model.modules(), *([model._fused] if getattr(model, "_fused", None) is not None else [])]
+    return sum(len(o.__dict__.get(packed.ATTR, {})) for o in owners)
+
+
+@torch.no_grad()
+def step_states(model: VLM, images: torch.Tensor, prompt: list[int]) -> list[torch.Tensor]:
+    cache = model.new_cache(images.shape[0])
+    return model.step_states(torch.tensor([prompt] * images.shape[0]), cache, images=images)
+
+
+def same_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_packed_linear_is_f_linear_to_the_bit():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    for shape in [(1, 64), (4, 64), (3, 5, 64), (8, 4, 64)]:
+        x = torch.randn(*shape, generator=g).bfloat16()
+        owner = nn.Module()
+        with torch.no_grad():
+            for bias in (b, None):
+                assert torch.equal(packed.linear(owner, x, w, bias), F.linear(x, w, bias)), (shape, bias is None)
+        assert len(owner.__dict__[packed.ATTR]) == 1  # the packed path ran, one copy for the weight
+    # fp32, and any call that autograd records, are F.linear's own: nothing packed
+    owner = nn.Module()
+    with torch.no_grad():
+        assert torch.equal(packed.linear(owner, x.float(), w.float(), None), F.linear(x.float(), w.float()))
+    wg = w.clone().requires_grad_()
+    packed.linear(owner, x, wg, b).float().sum().backward()
+    assert wg.grad is not None and packed.ATTR not in owner.__dict__
+
+
+def test_decoding_with_packed_weights_equals_decoding_with_f_linear(monkeypatch):
+    model = bf16_model(4, seed=2)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    prompts = [prompt_tokens(tok, q) for q in (None, "what colour is the circle?", None, "how many shapes are there?")]
+    monkeypatch.setattr(packed, "enabled", False)
+    plain = (generate(model, images, prompts, max_new_tokens=10), speculative_generate_batch(model, images, prompts, 10)[0],
+             step_states(model, images, prompts[0]))
+    assert packed_copies(model) == 0
+    monkeypatch.setattr(packed, "enabled", True)
+    with_packed = (generate(model, images, prompts, max_new_tokens=10), speculative_generate_batch(model, images, prompts, 10)[0],
+                   step_states(model, images, prompts[0]))
+    # the four linears of every trunk block and of every extra head's block (step_states runs the heads as
+    # blocks), and the stacked heads' one (speculative decoding runs them as FusedHeads)
+    assert packed_copies(model) == 4 * (model.cfg.n_layers + model.cfg.n_future - 1) + 1
+    assert with_packed[0] == plain[0] and with_packed[1] == plain[1] == plain[0]
+    assert same_states(with_packed[2], plain[2])  # every head's states, to the bit
+
+
+def test_packed_copies_follow_the_weights(monkeypatch):
+    model = bf16_model(1, seed=3)
+    images, prompt = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), prompt_tokens(tok)
+
+    def reference() -> list[torch.Tensor]:
+        monkeypatch.setattr(packed, "enabled", False)
+        try:
+            return step_states(model, images, prompt)
+        finally:
+            monkeypatch.setattr(packed, "enabled", True)
+
+    step_states(model, images, prompt)  # packs
+    w = model.blocks[0].mlp[0].weight
+    with torch.no_grad():
+        w.mul_(-1)  # in place, as an optimizer step: the version changes, the next call repacks
+    assert same_states(step_states(model, images, prompt), reference())
+    # a write through .data, as DeepSpeed's ZeRO optimizer makes, changes neither storage nor version: the
+    # packed copy is stale (this is why drop_decode_caches must forget it) ...
+    w.data.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(4)).bfloat16())
+    assert not same_states(step_states(model, images, prompt), reference())
+    # ... and after it the decode is the new weights' again
+    model.drop_decode_caches()
+    assert packed_copies(model) == 0
+    assert same_states(step_states(model, images, prompt), reference())
+
+
+def test_a_training_models_decode_leaves_no_packed_copy():
+    model = bf16_model(2, seed=4).train()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    generate(model, images, [prompt_tokens(tok)] * 2, max_new_tokens=4)
+    assert model.training and packed_copies(model) == 0
+    model.eval()
+    generate(model, images, [prompt_tokens(tok)] * 2, max_new_tokens=4)
+    assert packed_copies(model) == 4 * model.cfg.n_layers  # an eval model keeps them for its next decode

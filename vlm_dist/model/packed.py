@@ -1,0 +1,51 @@
+"""bf16 linear layers of CPU decoding through weights packed once for oneDNN.
+
+    y = packed.linear(block, x, lin.weight, lin.bias)   # = F.linear(x, lin.weight, lin.bias)
+
+On a CPU, F.linear in bf16 goes to oneDNN, which reorders (packs) the weight into its blocked layout on
+every call: at the `base` width (768) that reorder is as much memory traffic as the matmul of a decoding
+step itself. Packing each weight once (torch.ops.mkldnn._reorder_linear_weight, the packing that
+inductor's CPU freezing pass emits) and multiplying with the packed copy (torch.ops.mkldnn._linear_pointwise)
+gives the same numbers (the same oneDNN kernel, tested equal) at about half the time: on the 2-core AMD
+EPYC (Zen 5, avx512_bf16), 1 thread, a (2304 x 768) bf16 linear took 112 -> 55 us for 1 row, and a base-width
+greedy step 25.3 -> 15.5 ms (docs/bench/issue9_round10.md). fp32 goes to MKL, where packing saved nothing, and
+GPUs never come here: both keep F.linear.
+
+The packed copies live on the module that owns the weights (`owner`), keyed by the weight's
+(data_ptr, _version); a write through `.data` (DeepSpeed's ZeRO optimizer) bumps neither, so
+VLM.drop_decode_caches drops them (`drop`), as it drops the argmax table. They cost one more copy of the
+decoder's bf16 weights while they live. torch.ops.mkldnn's two ops are not public API: where they are
+missing, F.linear serves (`AVAILABLE`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTR = "_packed_linears"
+AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+enabled = True  # benchmarks switch it off to measure F.linear side by side (tools/bench_decode.py)
+
+
+def linear(owner: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias); a bf16 CPU call without autograd multiplies by a packed copy of `weight`
+    kept on `owner` (made on first use, remade when the weight's storage or version changes)."""
+    if (not enabled or not AVAILABLE or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.dtype != torch.bfloat16 or torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    cache = owner.__dict__.setdefault(ATTR, {})
+    key = (weight.data_ptr(), weight._version, weight.shape)
+    entry = cache.get(id(weight))
+    if entry is None or entry[0] != key:
+        entry = cache[id(weight)] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), entry[1], bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def drop(module: nn.Module) -> None:
+    """Forget the packed copies held by `module` and its submodules."""
+    for m in module.modules():
+        m.__dict__.pop(ATTR, None)
