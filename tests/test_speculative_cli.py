@@ -146,3 +146,36 @@ def test_device_flag_picks_where_to_decode_and_refuses_what_torch_cannot_use(exp
         asked.clear()
         runner.invoke(app, command)  # the model loads on the CPU (the stand-in ignores the device); decoding runs
         assert asked == [torch.device("cuda")], asked  # what the CLI asked for on a "GPU machine": the GPU
+
+
+def test_dtype_flag_decodes_in_the_asked_precision(export_and_shards, monkeypatch):
+    """--dtype stored (default) keeps the export's dtype; fp32 / bf16 load the model so; bf16 where the hardware
+    has no native bf16 says so; anything else is a clear error."""
+    import vlm_dist.infer.load as load_mod
+    import vlm_dist.train.dsconfig as dsconfig
+
+    root, _ = export_and_shards
+    image = next((root / "data" / "images" / "val2017").glob("*.jpg"))
+    args = ["generate", "--model", str(root / "export"), "--image", str(image), "--max-new-tokens", "5", "--json",
+            "--speculative"]
+    decoded_in = []
+    real = load_mod.load_exported
+
+    def spy(d, device="cpu", dtype=None):
+        model, cfg = real(d, device=device, dtype=dtype)
+        decoded_in.append((dtype, model.lm_head.weight.dtype))
+        return model, cfg
+
+    monkeypatch.setattr(load_mod, "load_exported", spy)
+    for flag, asked, held in [([], None, torch.float32), (["--dtype", "fp32"], torch.float32, torch.float32),
+                              (["--dtype", "bf16"], torch.bfloat16, torch.bfloat16)]:
+        decoded_in.clear()
+        res = runner.invoke(app, [*args, *flag])
+        assert res.exit_code == 0 and decoded_in == [(asked, held)], (flag, decoded_in, res.output)
+        assert "tokens per model call" in res.stderr
+    monkeypatch.setattr(dsconfig, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
+    res = runner.invoke(app, [*args, "--dtype", "bf16"])
+    assert res.exit_code == 0 and "note: --dtype bf16 here" in res.stderr and "emulated" in res.stderr, res.output
+    res = runner.invoke(app, ["eval", "--model", str(root / "export"), "--shards", str(root / "data" / "shards" / "val"),
+                              "--out", str(root / "e16.json"), "--dtype", "fp16"])
+    assert res.exit_code == 2 and "--dtype 'fp16': use stored, fp32, bf16" in res.output, res.output

@@ -26,10 +26,27 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
 DEVICE_HELP = f"Where to decode: {DEVICE_CHOICES}."
+DTYPE_HELP = ("Precision to decode in: stored (the export's dtype, so the same numbers on every machine), fp32 or "
+              "bf16. bf16 halves the weights' memory traffic: on a 2-core AMD EPYC with avx512_bf16, one thread, a "
+              "base-width (24 x 768) greedy step took 44.2 ms in fp32 and 17.0 ms in bf16, through weights packed once "
+              "for oneDNN (docs/bench/issue9_round10.md); at the demo's width (128) fp32 is faster there. On a CPU "
+              "without native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so.")
 STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
                "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
                "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "
                "dynamic on a CPU (no graphs there: static is 0.93-0.99x).")
+
+
+def _load_for_decoding(model_dir: Path, device: str, dtype: str):
+    """An export on --device in --dtype for `generate` and `eval` (raises DeviceError / ExportError)."""
+    from vlm_dist.devices import decode_dtype, pick_device
+    from vlm_dist.infer.load import load_exported
+
+    where = pick_device(device)
+    torch_dtype, note = decode_dtype(dtype, where)
+    if note:
+        typer.echo(note, err=True)
+    return load_exported(model_dir, device=where, dtype=torch_dtype)
 
 
 def _note_no_drafts(n_future: int) -> None:
@@ -359,6 +376,7 @@ def generate_cmd(
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("stored", "--dtype", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ) -> None:
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
@@ -368,8 +386,8 @@ def generate_cmd(
 
     from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import fit_max_new_tokens, generate_text
-    from vlm_dist.devices import DeviceError, pick_device
-    from vlm_dist.infer.load import ExportError, load_exported
+    from vlm_dist.devices import DeviceError
+    from vlm_dist.infer.load import ExportError
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
     if static and temperature > 0:
@@ -377,7 +395,7 @@ def generate_cmd(
                    "path: drop --temperature or drop --static", err=True)
         raise typer.Exit(2)
     try:
-        model, cfg = load_exported(model_dir, device=pick_device(device))
+        model, cfg = _load_for_decoding(model_dir, device, dtype)
         max_new_tokens, note = fit_max_new_tokens(cfg, len(prompt_tokens(get_tokenizer(), question)), max_new_tokens)
     except (ExportError, DeviceError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
@@ -431,17 +449,18 @@ def eval_cmd(
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("stored", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Caption every image and answer every question; report exact match, VQA accuracy per question type,
     and COCO caption metrics (pycocoevalcap's official pipeline when Java is installed)."""
     from vlm_dist.data.features import FeatureError
     from vlm_dist.data.manifest import ShardSpecError
     from vlm_dist.infer.evaluate import EvalDataError, evaluate_generation, format_metrics, write_results
-    from vlm_dist.devices import DeviceError, pick_device
-    from vlm_dist.infer.load import ExportError, load_exported
+    from vlm_dist.devices import DeviceError
+    from vlm_dist.infer.load import ExportError
 
     try:
-        model, cfg = load_exported(model_dir, device=pick_device(device))
+        model, cfg = _load_for_decoding(model_dir, device, dtype)
         if speculative:
             _note_no_drafts(cfg.n_future)
         result = evaluate_generation(model, shards, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,

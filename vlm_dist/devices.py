@@ -1,6 +1,7 @@
-"""Where a command runs: `--device` of `generate`, `eval` and `precompute-features`.
+"""Where a command runs: `--device` of `generate`, `eval` and `precompute-features`, and `--dtype` of decoding.
 
     device = pick_device("auto")   # the first CUDA GPU when torch sees one, else the CPU
+    dtype, note = decode_dtype("bf16", device)
 
 torch is imported inside pick_device: the CLI reads CHOICES for its --help without paying for torch.
 """
@@ -38,3 +39,25 @@ def pick_device(name: str = "auto") -> torch.device:
             raise DeviceError(f"--device {name}: torch sees {count} CUDA GPU(s) (torch {torch.__version__}, CUDA "
                               f"build {torch.version.cuda}); use --device cpu or auto")
     return device
+
+
+DTYPE_CHOICES = ("stored", "fp32", "bf16")
+
+
+def decode_dtype(name: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """--dtype of `generate` and `eval` -> (the dtype to decode in, None: the export's own; a note or None).
+    The default "stored" decodes in the dtype the export holds, so an evaluation gives the same numbers on
+    every machine. "bf16" where the hardware has no native bf16 runs, slowly, with a note that says so."""
+    import torch
+
+    if name not in DTYPE_CHOICES:
+        raise DeviceError(f"--dtype {name!r}: use {', '.join(DTYPE_CHOICES)}")
+    if name == "stored":
+        return None, None
+    if name == "fp32":
+        return torch.float32, None
+    from vlm_dist.train.dsconfig import cpu_flags, hardware_precision
+
+    cuda = device.type == "cuda"
+    native, why = hardware_precision(cuda, cuda and torch.cuda.is_bf16_supported(), None if cuda else cpu_flags())
+    return torch.bfloat16, (None if native == "bf16" else f"note: --dtype bf16 here: {why}")
