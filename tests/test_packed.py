@@ -12,8 +12,8 @@ from vlm_dist.infer.speculative import speculative_generate_batch
 from vlm_dist.model import VLM, packed
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
-pytestmark = pytest.mark.skipif(not packed.AVAILABLE, reason="this torch build has no oneDNN packed linear; "
-                                                             "F.linear serves there and nothing is packed")
+pytestmark = pytest.mark.skipif(not packed.AVAILABLE, reason="no oneDNN packed bf16 linear here (this torch build, or a "
+                                                             "CPU without its bf16 kernels: AVX2 only); F.linear serves")
 tok = get_tokenizer()
 
 

@@ -14,8 +14,8 @@ GPUs never come here: both keep F.linear.
 The packed copies live on the module that owns the weights (`owner`), keyed by the weight's
 (data_ptr, _version); a write through `.data` (DeepSpeed's ZeRO optimizer) bumps neither, so
 VLM.drop_decode_caches drops them (`drop`), as it drops the argmax table. They cost one more copy of the
-decoder's bf16 weights while they live. torch.ops.mkldnn's two ops are not public API: where they are
-missing, F.linear serves (`AVAILABLE`).
+decoder's bf16 weights while they live. torch.ops.mkldnn's ops are not public API: where they are
+missing, or the CPU lacks oneDNN's bf16 kernels (an AVX2-only CPU), F.linear serves (`AVAILABLE`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTR = "_packed_linears"
-AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# the two ops, and oneDNN's bf16 kernels on this CPU (avx512bw/vl/dq or avx_ne_convert: an AVX2-only CPU has
+# none, and the packing op raises there)
+AVAILABLE = (torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in (
+    "_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported"))
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 enabled = True  # benchmarks switch it off to measure F.linear side by side (tools/bench_decode.py)
 
 
