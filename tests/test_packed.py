@@ -68,7 +68,7 @@ def test_decoding_with_packed_weights_equals_decoding_with_f_linear(monkeypatch)
     with_packed = (generate(model, images, prompts, max_new_tokens=10), speculative_generate_batch(model, images, prompts, 10)[0],
                    step_states(model, images, prompts[0]))
     # the four linears of every trunk block and of every extra head's block (step_states runs the heads as
-    # blocks), and the stacked heads' one (speculative decoding runs them as FusedHeads)
+    # blocks), and FusedHeads' stacked q, k, v (speculative decoding; at this width its other linears stay batched)
     assert packed_copies(model) == 4 * (model.cfg.n_layers + model.cfg.n_future - 1) + 1
     assert with_packed[0] == plain[0] and with_packed[1] == plain[1] == plain[0]
     assert same_states(with_packed[2], plain[2])  # every head's states, to the bit
@@ -108,3 +108,32 @@ def test_a_training_models_decode_leaves_no_packed_copy():
     model.eval()
     generate(model, images, [prompt_tokens(tok)] * 2, max_new_tokens=4)
     assert packed_copies(model) == 4 * model.cfg.n_layers  # an eval model keeps them for its next decode
+
+
+def test_fused_heads_per_head_packed_linears_draft_what_the_batched_matmuls_draft(monkeypatch):
+    """Where the heads are wide (base), FusedHeads runs each head's out / up / down as its own packed linear
+    instead of one batched matmul: the heads' states agree to bf16 rounding, and decoding stays greedy's."""
+    from vlm_dist.model.heads import FusedHeads
+
+    model = bf16_model(4, seed=6)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    prompts = [prompt_tokens(tok)] * 3
+    greedy = generate(model, images, prompts, max_new_tokens=10)
+    h = torch.randn(3, 5, model.cfg.d_model, generator=torch.Generator().manual_seed(7)).bfloat16()
+    at = torch.tensor([4, 2, 0])
+
+    def states() -> torch.Tensor:
+        cache = model.new_cache(3)
+        cache.advance(7)  # some earlier positions
+        with torch.no_grad():
+            return model.fused_heads()(h, cache, model.cfg.n_layers, at)
+
+    batched = states()
+    assert model._fused.per_head is None and packed.ATTR in model._fused.__dict__  # tiny: only the q, k, v packed
+    monkeypatch.setattr(FusedHeads, "PER_HEAD_ELEMENTS", 0)  # as wide heads get
+    model.drop_decode_caches()
+    per_head = states()
+    assert model._fused.per_head is not None and len(model._fused.__dict__[packed.ATTR]) == 1 + 3 * 3
+    torch.testing.assert_close(per_head, batched, atol=0.05, rtol=0.02)  # bf16 states of unit scale
+    rows, stats = speculative_generate_batch(model, images, prompts, 10)
+    assert rows == greedy and stats["tokens"] == sum(map(len, greedy))

@@ -52,6 +52,8 @@ class FusedHeads:
     reassociation only, and a draft need not be exact (a wrong guess is only rejected).
     """
 
+    PER_HEAD_ELEMENTS = 2**20  # see per_head below
+
     def __init__(self, heads: ExtraHeads) -> None:
         blocks = list(heads.blocks)
         self.m = m = len(blocks)
@@ -77,6 +79,13 @@ class FusedHeads:
             self.down_b = torch.stack([b.mlp[2].bias for b in blocks])[:, None]
             self.norm_w = torch.stack([n.weight for n in heads.norms])[:, None]  # (m, 1, D)
             self.norm_b = torch.stack([n.bias for n in heads.norms])[:, None]
+        # the same linears per head, (out, in) as nn.Linear holds them: in bf16 on a CPU, m packed linears
+        # (model/packed.py) beat one batched matmul, whose weights oneDNN repacks on every call, where the
+        # weights are large; where they are small the m - 1 extra calls cost more. On one core of the 2-core
+        # EPYC (avx512_bf16), a verify call: base width (up 3072 x 768) 21.7 -> 19.3 ms, demo width (512 x 128)
+        # 1.17 -> 1.26 ms (docs/bench/issue9_round10.md); hence per head from PER_HEAD_ELEMENTS in an up-projection.
+        self.per_head = {"out": [(b.attn.out.weight, b.attn.out.bias) for b in blocks], "up": up,
+                         "down": [(b.mlp[2].weight, b.mlp[2].bias) for b in blocks]} if up[0][0].numel() >= self.PER_HEAD_ELEMENTS else None
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor, cache: KVCache, first_layer: int, at: torch.Tensor) -> torch.Tensor:
@@ -107,7 +116,14 @@ class FusedHeads:
         mask = mask[None, :, None, None].expand(m, B, 1, 1, S).reshape(m * B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, keys.reshape(m * B, H, S, hd), values.reshape(m * B, H, S, hd),
                                            attn_mask=mask)  # (m*B, H, 1, hd)
-        x = torch.baddbmm(self.out_b, y.reshape(m, B, D), self.out_w) + h.reshape(B * T, D).index_select(0, flat)  # (m, B, D)
-        u = F.gelu(torch.baddbmm(self.up_b, F.layer_norm(x, (D,), eps=self.eps), self.up_w), approximate=self.approximate)
-        x = x + torch.baddbmm(self.down_b, u, self.down_w)
+        x = self._linears("out", y.reshape(m, B, D), self.out_b, self.out_w) + h.reshape(B * T, D).index_select(0, flat)  # (m, B, D)
+        u = F.gelu(self._linears("up", F.layer_norm(x, (D,), eps=self.eps), self.up_b, self.up_w), approximate=self.approximate)
+        x = x + self._linears("down", u, self.down_b, self.down_w)
         return torch.addcmul(self.norm_b, F.layer_norm(x, (D,), eps=self.eps), self.norm_w)  # each head's final norm
+
+    def _linears(self, name: str, x: torch.Tensor, bias: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+        """Head k's linear `name` on x[k]: (m, B, in) -> (m, B, out), as one batched matmul, or as m packed
+        linears in bf16 on a CPU (model/packed.py)."""
+        if self.per_head is not None and packed.applies(x, weight_t):
+            return torch.stack([packed.linear(self, x[k], w, b) for k, (w, b) in enumerate(self.per_head[name])])
+        return torch.baddbmm(bias, x, weight_t)

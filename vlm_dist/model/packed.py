@@ -36,8 +36,7 @@ enabled = True  # benchmarks switch it off to measure F.linear side by side (too
 def linear(owner: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias); a bf16 CPU call without autograd multiplies by a packed copy of `weight`
     kept on `owner` (made on first use, remade when the weight's storage or version changes)."""
-    if (not enabled or not AVAILABLE or x.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or weight.dtype != torch.bfloat16 or torch.is_grad_enabled()):
+    if not applies(x, weight):
         return F.linear(x, weight, bias)
     cache = owner.__dict__.setdefault(ATTR, {})
     key = (weight.data_ptr(), weight._version, weight.shape)
@@ -46,6 +45,13 @@ def linear(owner: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         entry = cache[id(weight)] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), entry[1], bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` multiplies x by a packed copy of weight: bf16 both, on a CPU with oneDNN's bf16
+    kernels, outside autograd."""
+    return (enabled and AVAILABLE and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not torch.is_grad_enabled())
 
 
 def drop(module: nn.Module) -> None:
