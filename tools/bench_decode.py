@@ -15,11 +15,14 @@
    per row, acceptance per draft position, and whether the three outputs are identical token for token.
    The speed-up is speculative over greedy (this code), the harder comparison.
 2. --base: the `base` decoder (24 x 768, n_future 4; the 32 px tiny vision tower instead of ViT-B-32,
-   which only the prefill sees) with random weights. Random heads accept ~nothing, so what is measured
-   is the price of a call: seconds per greedy step and per speculative verify call (full runs of both
-   with every row decoding all --new-tokens, prefill included, divided by their calls). The projected
-   speed-up is tokens-per-call (measured on the trained model in part 1) x greedy step / verify call;
-   the same projection at the demo width is printed beside its measured speed-up as a check.
+   which only the prefill sees) with random weights, whose acceptance says nothing of a trained model's, so
+   what is measured is the price of each part: the prefill of greedy and of speculative decoding (which
+   also runs the heads), a greedy step and a verify call (each later model call with its share of the
+   decoding loop). The projected speed-up puts the trained model's batches of part 1 (their greedy steps
+   and verify calls per batch) at this width: (greedy prefill + steps x step) / (speculative prefill +
+   calls x call); the same projection at the demo width is printed beside its measured speed-up as a check.
+   (Rounds 1-9 projected tokens-per-call x step / call, with the prefill spread over each decode's own
+   calls: a random model that happened to accept several tokens per call spread it over few calls.)
    --dtype bf16 runs both parts in bf16; on a CPU, --packing both puts the decoders' linears through weights
    packed once for oneDNN (vlm_dist/model/packed.py) and through F.linear side by side.
 3. --cache-table: cached vs uncached greedy with random demo-architecture weights (every row decodes
@@ -103,7 +106,11 @@ def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) 
     rows = [r for out, _ in spec for r in out]
     stats = merge_stats([s for _, s in spec])
     tokens = sum(map(len, greedy))
+    # a batch's greedy steps after its prefill: its longest row (the prefill gives a row's first token, a
+    # step each later one and the end token), for the base-width projection
+    steps = statistics.mean(max(map(len, greedy[i : i + B])) for i in range(0, len(greedy), B))
     return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy, "rows": rows,
+            "greedy_steps_per_batch": steps, "spec_calls_per_batch": stats["calls"] / len(batches),
             "legacy_tps": tokens / statistics.median(l_t), "greedy_tps": tokens / statistics.median(g_t),
             "spec_tps": stats["tokens"] / statistics.median(s_t), "speedup": statistics.median(g_t) / statistics.median(s_t),
             "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"],
@@ -112,7 +119,9 @@ def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) 
 
 
 def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
-    """Seconds per greedy step and per speculative call with random weights (rows never stop early)."""
+    """Greedy and speculative decodes of random images (random weights): seconds of each one's prefill (the
+    model call that is given the images, timed by a hook on the instance) and of each later greedy step /
+    verify call (the rest of the decode, loop included, over their count); medians over repeats."""
     from vlm_dist.infer.generate import generate
     from vlm_dist.infer.speculative import speculative_generate_batch
     from vlm_dist.text import get_tokenizer, prompt_tokens
@@ -120,13 +129,33 @@ def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
     size = model.cfg.vision.geometry["image_size"]
     images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0))
     prompts = [prompt_tokens(get_tokenizer())] * B
-    g_t, s_t, stats, outs = [], [], [], []
-    for _ in range(repeats):
-        g_t.append(timed(lambda: outs.append(generate(model, images, prompts, new_tokens))))
-        s_t.append(timed(lambda: stats.append(speculative_generate_batch(model, images, prompts, new_tokens)[1])))
-    calls, steps = stats[0]["calls"], max(map(len, outs[0]))  # steps: new_tokens unless every row ended early
-    return {"greedy_step_s": statistics.median(g_t) / steps, "spec_call_s": statistics.median(s_t) / calls,
-            "spec_calls": calls}
+    calls: dict[str, list[float]] = {}
+
+    def hook(name: str, fn):
+        def timed_call(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            calls.setdefault(name + (" prefill" if kwargs.get("images") is not None else ""), []).append(time.perf_counter() - t)
+            return out
+        return timed_call
+
+    parts: dict[str, list[float]] = {}
+    generate(model, images, prompts, new_tokens)  # untimed: the first decode builds the argmax table, the heads,
+    speculative_generate_batch(model, images, prompts, new_tokens)  # packed weights
+    model.step_states, model.verify_step = hook("greedy", model.step_states), hook("spec", model.verify_step)
+    try:
+        for _ in range(repeats):
+            for name, decode in (("greedy", generate), ("spec", speculative_generate_batch)):
+                calls.clear()
+                total = timed(lambda: decode(model, images, prompts, new_tokens))
+                prefill = calls[name + " prefill"][0]
+                parts.setdefault(name + " prefill", []).append(prefill)
+                parts.setdefault(name, []).append((total - prefill) / len(calls[name]))
+    finally:  # the class's methods again
+        del model.step_states, model.verify_step
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    return {"greedy_prefill_s": med["greedy prefill"], "greedy_step_s": med["greedy"],
+            "spec_prefill_s": med["spec prefill"], "spec_call_s": med["spec"]}
 
 
 @torch.no_grad()
@@ -229,12 +258,15 @@ def main(argv: list[str] | None = None) -> None:
         widths = {"demo (random weights)": load_config("demo", ["model.n_future=4"]).model,
                   "base 24x768 (random weights)": load_config("base", ["model.vision.model_name=vlm-tiny-vit", "model.vision.freeze=false",
                                                                       "model.vision.pretrained=null"]).model}
-        print(f"\nprice of a call ({args.dtype}, random weights), projected speed-up = tokens/call (trained, above) x greedy step / call.\n"
+        print(f"\nprice of a call ({args.dtype}, random weights). Projected speed-up: a batch of the trained model above, at\n"
+              "this width: (greedy prefill + its greedy steps x step) / (speculative prefill + its verify calls x call), with\n"
+              "the steps and calls per batch that the trained model took (part 1).\n"
               "argmax 'full': random weights fail the certificate, every argmax row falls back to the full matmul;\n"
               "'certified': the certificate's checks run but every row counts as certified (timing only: the trained\n"
               "demo model certifies all its rows, a trained base model is assumed to)\n"
-              "| decoder | argmax | threads | batch | packed | greedy step ms | speculative call ms | call / step | projected speed-up | measured (trained demo) |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+              "| decoder | argmax | threads | batch | packed | greedy prefill ms | greedy step ms | speculative prefill ms | "
+              "verify call ms | call / step | projected speed-up | measured (trained demo) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, mcfg in widths.items():
             torch.manual_seed(0)
             m = VLM(mcfg).to(dtype).eval()
@@ -248,11 +280,14 @@ def main(argv: list[str] | None = None) -> None:
                             packed.enabled = pack
                             c = call_costs(m, B, args.new_tokens, args.repeats)
                             r = results.get((threads, B))
-                            ratio = c["spec_call_s"] / c["greedy_step_s"]
-                            proj = f"{r['tokens_per_call'] / ratio:.2f}x" if r else "-"
+                            proj = "-"
+                            if r:
+                                greedy = c["greedy_prefill_s"] + r["greedy_steps_per_batch"] * c["greedy_step_s"]
+                                proj = f"{greedy / (c['spec_prefill_s'] + r['spec_calls_per_batch'] * c['spec_call_s']):.2f}x"
                             meas = f"{r['speedup']:.2f}x" if r and name.startswith("demo") else ""
-                            print(f"| {name} | {mode} | {threads} | {B} | {pack_label(pack)} | {1e3 * c['greedy_step_s']:.2f} | "
-                                  f"{1e3 * c['spec_call_s']:.2f} | {ratio:.2f} | {proj} | {meas} |", flush=True)
+                            ms = " | ".join(f"{1e3 * c[k]:.2f}" for k in ("greedy_prefill_s", "greedy_step_s", "spec_prefill_s", "spec_call_s"))
+                            print(f"| {name} | {mode} | {threads} | {B} | {pack_label(pack)} | {ms} | "
+                                  f"{c['spec_call_s'] / c['greedy_step_s']:.2f} | {proj} | {meas} |", flush=True)
     if args.cache_table:
         from vlm_dist.infer.generate import generate
         from vlm_dist.text import get_tokenizer, prompt_tokens
