@@ -27,10 +27,10 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "Greedy only: refused with --temperature > 0.")
 DEVICE_HELP = f"Where to decode: {DEVICE_CHOICES}."
 DTYPE_HELP = ("Precision to decode in: stored (the export's dtype, so the same numbers on every machine), fp32 or "
-              "bf16. bf16 halves the weights' memory traffic: on a 2-core AMD EPYC with avx512_bf16, one thread, a "
-              "base-width (24 x 768) greedy step took 44.2 ms in fp32 and 17.0 ms in bf16, through weights packed once "
-              "for oneDNN (docs/bench/issue9_round10.md); at the demo's width (128) fp32 is faster there. On a CPU "
-              "without native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so.")
+              "bf16. On a 2-core AMD EPYC with avx512_bf16, one thread, a base-width (24 x 768) greedy step took "
+              "40.5 ms in fp32 and 15.3 ms in bf16 (its weights packed once for oneDNN), a speculative verify call "
+              "65.3 and 20.0 ms (docs/bench/issue9_round10.md); at the demo's width (128) fp32 is faster there. On a "
+              "CPU without native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so.")
 STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
                "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
                "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "

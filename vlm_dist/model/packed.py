@@ -7,8 +7,8 @@ every call: at the `base` width (768) that reorder is as much memory traffic as 
 step itself. Packing each weight once (torch.ops.mkldnn._reorder_linear_weight, the packing that
 inductor's CPU freezing pass emits) and multiplying with the packed copy (torch.ops.mkldnn._linear_pointwise)
 gives the same numbers (the same oneDNN kernel, tested equal) at about half the time: on the 2-core AMD
-EPYC (Zen 5, avx512_bf16), 1 thread, a (2304 x 768) bf16 linear took 112 -> 55 us for 1 row, and a base-width
-greedy step 25.3 -> 15.5 ms (docs/bench/issue9_round10.md). fp32 goes to MKL, where packing saved nothing, and
+EPYC (Zen 5, avx512_bf16), 1 thread, a (2304 x 768) bf16 linear took 106 -> 58 us for 1 row, and a base-width
+greedy step 26.6 -> 15.3 ms (docs/bench/issue9_round10.md). fp32 goes to MKL, where packing saved nothing, and
 GPUs never come here: both keep F.linear.
 
 The packed copies live on the module that owns the weights (`owner`), keyed by the weight's
