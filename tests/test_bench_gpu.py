@@ -161,3 +161,29 @@ def test_sweep_stops_at_oom_and_rebuilds_the_engine(monkeypatch):
                    (4, False, "OOM"), (8, True, "OOM")]
     assert len(built) == 2  # the first; dropped at the off-OOM at 4; a fresh one for micro 8, dropped at its OOM
     assert bench.engine is None
+
+
+def test_decode_part_measures_a_trained_export(tmp_path):
+    """--decode-model: the decode part decodes demo scenes with an export's own weights and heads (the figure
+    that random weights cannot give), not the preset's random model; a folder that is no export is refused."""
+    from vlm_dist.config import load_config
+    from vlm_dist.infer.export import save_export
+    from vlm_dist.model import VLM
+
+    torch.manual_seed(0)
+    save_export(VLM(load_config("tiny", ["model.n_future=3"]).model).eval(), tmp_path / "export")
+    out, md = tmp_path / "dec.json", tmp_path / "dec.md"
+    cmd = [sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--cpu-smoke", "--parts", "decode", "--json", str(out),
+           "--append", str(md)]
+    proc = subprocess.run([*cmd, "--decode-model", str(tmp_path / "export")], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dec = json.loads(out.read_text())["decode"]
+    assert dec["model"] == str(tmp_path / "export") and dec["n_future"] == 3  # the export's heads, not tiny's
+    assert [r["batch"] for r in dec["rows"]] == [1, 8]
+    for r in dec["rows"]:
+        assert r["identical_rows"] == r["static_identical_rows"] == r["batch"] and r["greedy_tokens"] > 0
+    assert "the trained export" in md.read_text()
+    bad = subprocess.run([*cmd, "--decode-model", str(tmp_path)], env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "not an export folder" in bad.stderr, bad.stderr[-2000:]

@@ -29,7 +29,9 @@ What it measures (no download: random weights, model.vision.pretrained=null, the
    COCO-sized (640x480, photo-like) JPEGs this script makes, on the same shards resized to 224, and on
    their precompute-features shards (the frozen tower's tokens: no decoding), against the GPU's
    samples/s; and precompute-features' own images/s (tower on the GPU, JPEGs decoded by every core).
-4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8.
+4. Decoding at base width: KV-cached greedy vs self-speculative tokens/s, batch 1 and 8. With --decode-model
+   EXPORT, of a trained export instead, on demo scenes: its heads' own acceptance (e.g. the demo recipe
+   trained with --set model.n_future=4), which random weights cannot show.
 Method details: tools/benchlib/*.py docstrings. --cpu-smoke runs the same code on the tiny preset
 (bf16 ZeRO-2 on DeepSpeed's CPU accelerator, inductor's CPU backend) and never touches docs/.
 """
@@ -80,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("decode_repeats", "Alternating greedy/speculative repeats")]:
         p.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
                        help=f"{help_}. Default: {FULL[key]} ({SMOKE[key]} with --cpu-smoke)")
+    p.add_argument("--decode-model", type=Path, default=None,
+                   help="A trained export (vlm-dist export, n_future > 1) for the decode part, decoded on rendered demo "
+                        "scenes, instead of the preset's random weights: speculative decoding with trained heads' acceptance")
     p.add_argument("--workdir", type=Path, help="Where the photos and shards go (default: a temporary folder)")
     p.add_argument("--append", type=Path, default=None,
                    help="Markdown file to append the table to. Default: docs/BENCHMARKS.md on a GPU, nothing with --cpu-smoke")
@@ -91,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
         elif isinstance(value, int):
             setattr(args, key, int(getattr(args, key)))
+    if args.decode_model is not None and not (args.decode_model / "config.json").is_file():
+        p.error(f"--decode-model {args.decode_model}: not an export folder (no config.json); make one with "
+                "`vlm-dist export --ckpt RUN/checkpoints --out DIR`")
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
@@ -272,16 +280,26 @@ def part_decode(cfg, args, device) -> dict:
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = VLM(cfg.model).to(device, dtype).eval()
-    rows = bench_decode(model, ints(args.decode_batches), args.new_tokens, args.decode_repeats,
-                        log=lambda m: print(m, file=sys.stderr))
-    size = cfg.model.vision.geometry["image_size"]
-    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    batches, images = ints(args.decode_batches), None
+    if args.decode_model:  # trained heads on the scenes they learned to caption (seed 12345: unseen in training)
+        from train_quick import demo_samples
+        from vlm_dist.infer.load import load_exported
+
+        model, mcfg = load_exported(args.decode_model, device=device, dtype=dtype)
+        side = mcfg.vision.geometry["image_size"]
+        images = torch.stack([im for im, _, _ in demo_samples(max(batches), seed=12345, side=side)]).to(device)
+    else:
+        model = VLM(cfg.model).to(device, dtype).eval()
+    rows = bench_decode(model, batches, args.new_tokens, args.decode_repeats, log=lambda m: print(m, file=sys.stderr),
+                        images=images)
+    size = model.cfg.vision.geometry["image_size"]
+    image = images[:1] if images is not None else torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     prof = profile_decode(model, image, prompt_tokens(get_tokenizer()), args.new_tokens)
     for name, p in prof.items():
         print(f"  profile, batch 1, {name}: {p['ms_per_token']:.2f} ms, {p['aten_ops_per_token']:.0f} aten ops, "
               f"{p['launches_per_token']:.0f} launches, {p['syncs_per_token']:.1f} syncs per token", file=sys.stderr)
-    return {"dtype": str(dtype).removeprefix("torch."), "n_future": cfg.model.n_future, "rows": rows, "profile": prof}
+    return {"dtype": str(dtype).removeprefix("torch."), "n_future": model.cfg.n_future, "rows": rows, "profile": prof,
+            "model": str(args.decode_model) if args.decode_model else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,7 +2,8 @@
 
     rows = bench_decode(model, batches=[1, 8], new_tokens=32, repeats=3)
 
-The model has random weights (nothing can be downloaded). How many draft tokens it accepts depends on
+The model has random weights (nothing can be downloaded), or is a trained export given with images it
+learned (bench_gpu.py --decode-model). With random weights, how many draft tokens it accepts depends on
 what it happens to predict: at base width in bf16 on an H100 it repeated one token and accepted 3.2
 per call (docs/bench/gpu_round5.md); tokens per call is measured, never assumed. These figures measure
 the cost of the decoding machinery (greedy: one cached step per token; speculative: one cached verify
@@ -61,16 +62,23 @@ def _timed(fn, device: torch.device):
 
 
 @torch.no_grad()
-def bench_decode(model, batches: list[int], new_tokens: int, repeats: int, log=print) -> list[dict]:
+def bench_decode(model, batches: list[int], new_tokens: int, repeats: int, log=print,
+                 images: torch.Tensor | None = None) -> list[dict]:
+    """Rows of tokens/s per batch size; batch B decodes images[:B] (given: e.g. the scenes a trained export
+    learned), else B random images."""
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
     device = next(model.parameters()).device
     model.eval()
     prompt = prompt_tokens(get_tokenizer())
     size = model.cfg.vision.geometry["image_size"]
+    if images is not None and images.shape[0] < max(batches):
+        raise ValueError(f"{images.shape[0]} images for batches up to {max(batches)}")
+    pool = images
     rows = []
     for B in batches:
-        images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(B)).to(device)
+        images = pool[:B].to(device) if pool is not None else torch.randn(
+            B, 3, size, size, generator=torch.Generator().manual_seed(B)).to(device)
         model.drop_decode_caches()  # no graph kept from an earlier shape or run
         greedy(model, images[:1], prompt, 2)  # warm-up (kernels, allocator, the argmax table)
         speculative(model, images[:1], prompt, 2)

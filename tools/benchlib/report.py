@@ -162,9 +162,11 @@ def render(results: dict) -> str:
     if "error" in dec:
         lines += [f"Decode part failed: {dec['error']}", ""]
     elif dec:
-        lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, random weights: how many draft tokens "
-                  "are accepted depends on what the random model happens to predict (it often repeats one token), "
-                  "so read this as the decoding machinery's cost at the preset's width, not a trained model's speed-up)", "",
+        what = (f"the trained export `{dec['model']}` on rendered demo scenes: its heads' own acceptance" if dec.get("model")
+                else "random weights: how many draft tokens are accepted depends on what the random model happens to "
+                     "predict (it often repeats one token), so read this as the decoding machinery's cost at the preset's "
+                     "width, not a trained model's speed-up")
+        lines += [f"### Decoding ({dec['dtype']}, n_future={dec['n_future']}, {what})", "",
                   "Static: fixed-shape steps replayed as CUDA graphs (vlm_dist/infer/static.py): the first decode of "
                   "a batch size captures them (its tokens/s in brackets), later ones replay them.", "",
                   "| batch | new tokens/row | greedy tokens/s | speculative tokens/s | spec / greedy "
