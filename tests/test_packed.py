@@ -110,30 +110,73 @@ def test_a_training_models_decode_leaves_no_packed_copy():
     assert packed_copies(model) == 4 * model.cfg.n_layers  # an eval model keeps them for its next decode
 
 
-def test_fused_heads_per_head_packed_linears_draft_what_the_batched_matmuls_draft(monkeypatch):
+def test_fused_heads_per_head_packed_linears_are_the_batched_matmuls(monkeypatch):
     """Where the heads are wide (base), FusedHeads runs each head's out / up / down as its own packed linear
-    instead of one batched matmul: the heads' states agree to bf16 rounding, and decoding stays greedy's."""
+    instead of one batched matmul: each equals the batched matmul's head k (layer norms randomised, so that a
+    wrongly folded or transposed weight shows), and decoding through them stays greedy's."""
     from vlm_dist.model.heads import FusedHeads
 
     model = bf16_model(4, seed=6)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.extra_heads.named_parameters():
+            if "ln" in name or "norms" in name:  # LayerNorm affine parameters: fold into the linears
+                p.copy_(torch.randn(p.shape, generator=g).bfloat16())
+    monkeypatch.setattr(FusedHeads, "PER_HEAD_ELEMENTS", 0)  # as wide heads get
+    heads = model.fused_heads()
+    assert heads.per_head is not None
+    m, D = heads.m, model.cfg.d_model
+    F_ = heads.up_w.shape[2]
+    with torch.no_grad():
+        for name, bias, weight_t, width in (("out", heads.out_b, heads.out_w, D), ("up", heads.up_b, heads.up_w, D),
+                                            ("down", heads.down_b, heads.down_w, F_)):
+            x = torch.randn(m, 5, width, generator=g).bfloat16()
+            per_head = heads._linears(name, x, bias, weight_t)
+            monkeypatch.setattr(packed, "enabled", False)
+            batched = heads._linears(name, x, bias, weight_t)  # torch.baddbmm
+            monkeypatch.setattr(packed, "enabled", True)
+            scale = batched.float().abs().max()
+            assert per_head.shape == batched.shape and (per_head.float() - batched.float()).abs().max() <= 0.02 * scale, name
+    assert len(heads.__dict__[packed.ATTR]) == 3 * m  # each head's three linears went through packed copies
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     prompts = [prompt_tokens(tok)] * 3
     greedy = generate(model, images, prompts, max_new_tokens=10)
-    h = torch.randn(3, 5, model.cfg.d_model, generator=torch.Generator().manual_seed(7)).bfloat16()
-    at = torch.tensor([4, 2, 0])
-
-    def states() -> torch.Tensor:
-        cache = model.new_cache(3)
-        cache.advance(7)  # some earlier positions
-        with torch.no_grad():
-            return model.fused_heads()(h, cache, model.cfg.n_layers, at)
-
-    batched = states()
-    assert model._fused.per_head is None and packed.ATTR in model._fused.__dict__  # tiny: only the q, k, v packed
-    monkeypatch.setattr(FusedHeads, "PER_HEAD_ELEMENTS", 0)  # as wide heads get
-    model.drop_decode_caches()
-    per_head = states()
-    assert model._fused.per_head is not None and len(model._fused.__dict__[packed.ATTR]) == 1 + 3 * 3
-    torch.testing.assert_close(per_head, batched, atol=0.05, rtol=0.02)  # bf16 states of unit scale
     rows, stats = speculative_generate_batch(model, images, prompts, 10)
     assert rows == greedy and stats["tokens"] == sum(map(len, greedy))
+
+
+def test_static_steps_decode_through_packed_weights(monkeypatch):
+    """The fixed-shape steps (infer/static.py) multiply by the packed copies too, and decode greedy's tokens."""
+    model = bf16_model(1, seed=8)
+    images, prompts = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8)), [prompt_tokens(tok)] * 2
+    dynamic = generate(model, images, prompts, max_new_tokens=8)
+    calls = []
+    real = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda *a: (calls.append(1), real(*a))[1])
+    assert generate(model, images, prompts, max_new_tokens=8, static=True) == dynamic
+    steps = max(map(len, dynamic))  # steps after the prefill: up to one per token (the last one gives the end)
+    assert len(calls) >= 4 * model.cfg.n_layers * (1 + steps - 1)  # the prefill's linears and every static step's
+
+
+def test_packed_copies_survive_inference_mode_copies_and_replaced_weights():
+    """Decoding under torch.inference_mode() (its tensors have no version counter); a model that decoded in bf16
+    deep-copies and saves (the opaque packed tensors are left out); a weight replaced by a new tensor is packed
+    anew and its old copy freed."""
+    import copy
+    import io
+
+    model = bf16_model(4, seed=9)
+    images, prompts = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9)), [prompt_tokens(tok)] * 2
+    greedy = generate(model, images, prompts, max_new_tokens=8)
+    with torch.inference_mode():
+        assert speculative_generate_batch(model, images, prompts, 8)[0] == greedy
+        assert generate(model, images, prompts, max_new_tokens=8) == greedy
+    assert packed_copies(model) > 0
+    twin = copy.deepcopy(model)
+    assert packed_copies(twin) == 0 and generate(twin, images, prompts, max_new_tokens=8) == greedy
+    torch.save(model, io.BytesIO())
+    lin = model.blocks[0].mlp[2]
+    before = len(model.blocks[0].__dict__[packed.ATTR])
+    lin.weight = nn.Parameter(lin.weight.detach().clone())  # a new tensor: a new copy, the old one freed
+    assert generate(model, images, prompts, max_new_tokens=8) == greedy
+    assert len(model.blocks[0].__dict__[packed.ATTR]) == before

@@ -148,34 +148,39 @@ def test_device_flag_picks_where_to_decode_and_refuses_what_torch_cannot_use(exp
         assert asked == [torch.device("cuda")], asked  # what the CLI asked for on a "GPU machine": the GPU
 
 
-def test_dtype_flag_decodes_in_the_asked_precision(export_and_shards, monkeypatch):
-    """--dtype stored (default) keeps the export's dtype; fp32 / bf16 load the model so; bf16 where the hardware
-    has no native bf16 says so; anything else is a clear error."""
+def test_dtype_flag_decodes_in_the_asked_precision(export_and_shards, tmp_path, monkeypatch):
+    """--dtype fp32 (default) decodes any export, fp32- or bf16-stored, in fp32; bf16 in bf16, with a note only
+    where the hardware has no native bf16; anything else is a clear error."""
     import vlm_dist.infer.load as load_mod
     import vlm_dist.train.dsconfig as dsconfig
 
     root, _ = export_and_shards
+    torch.manual_seed(1)
+    save_export(VLM(load_config("tiny", ["model.n_future=3"]).model).eval().to(torch.bfloat16), tmp_path / "bf16_export")
     image = next((root / "data" / "images" / "val2017").glob("*.jpg"))
-    args = ["generate", "--model", str(root / "export"), "--image", str(image), "--max-new-tokens", "5", "--json",
-            "--speculative"]
     decoded_in = []
     real = load_mod.load_exported
 
     def spy(d, device="cpu", dtype=None):
         model, cfg = real(d, device=device, dtype=dtype)
-        decoded_in.append((dtype, model.lm_head.weight.dtype))
+        decoded_in.append(model.lm_head.weight.dtype)
         return model, cfg
 
     monkeypatch.setattr(load_mod, "load_exported", spy)
-    for flag, asked, held in [([], None, torch.float32), (["--dtype", "fp32"], torch.float32, torch.float32),
-                              (["--dtype", "bf16"], torch.bfloat16, torch.bfloat16)]:
-        decoded_in.clear()
-        res = runner.invoke(app, [*args, *flag])
-        assert res.exit_code == 0 and decoded_in == [(asked, held)], (flag, decoded_in, res.output)
-        assert "tokens per model call" in res.stderr
+    monkeypatch.setattr(dsconfig, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU with native bf16
+    for export in (root / "export", tmp_path / "bf16_export"):
+        args = ["generate", "--model", str(export), "--image", str(image), "--max-new-tokens", "5", "--json", "--speculative"]
+        for flag, held in [([], torch.float32), (["--dtype", "fp32"], torch.float32), (["--dtype", "bf16"], torch.bfloat16)]:
+            decoded_in.clear()
+            res = runner.invoke(app, [*args, *flag])
+            assert res.exit_code == 0 and decoded_in == [held], (export.name, flag, decoded_in, res.output)
+            assert "tokens per model call" in res.stderr and "note: --dtype" not in res.stderr
     monkeypatch.setattr(dsconfig, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
-    res = runner.invoke(app, [*args, "--dtype", "bf16"])
-    assert res.exit_code == 0 and "note: --dtype bf16 here" in res.stderr and "emulated" in res.stderr, res.output
-    res = runner.invoke(app, ["eval", "--model", str(root / "export"), "--shards", str(root / "data" / "shards" / "val"),
-                              "--out", str(root / "e16.json"), "--dtype", "fp16"])
-    assert res.exit_code == 2 and "--dtype 'fp16': use stored, fp32, bf16" in res.output, res.output
+    evaluate = ["eval", "--model", str(root / "export"), "--shards", str(root / "data" / "shards" / "val"),
+                "--out", str(tmp_path / "e16.json"), "--limit", "2"]
+    decoded_in.clear()
+    res = runner.invoke(app, [*evaluate, "--dtype", "bf16"])
+    assert res.exit_code == 0 and decoded_in == [torch.bfloat16], res.output
+    assert "note: --dtype bf16 here" in res.stderr and "emulated" in res.stderr, res.output
+    res = runner.invoke(app, [*evaluate, "--dtype", "fp16"])
+    assert res.exit_code == 2 and "--dtype 'fp16': use fp32 or bf16" in res.output, res.output

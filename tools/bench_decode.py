@@ -106,9 +106,10 @@ def compare(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int) 
     rows = [r for out, _ in spec for r in out]
     stats = merge_stats([s for _, s in spec])
     tokens = sum(map(len, greedy))
-    # a batch's greedy steps after its prefill: its longest row (the prefill gives a row's first token, a
+    # a batch's greedy steps after its prefill: its longest row's (the prefill gives a row's first token, a
     # step each later one and the end token), for the base-width projection
-    steps = statistics.mean(max(map(len, greedy[i : i + B])) for i in range(0, len(greedy), B))
+    # (a row cut at new_tokens took new_tokens - 1 steps: no step gave it an end token)
+    steps = statistics.mean(max(min(len(r), new_tokens - 1) for r in greedy[i : i + B]) for i in range(0, len(greedy), B))
     return {"batch": B, "tokens": tokens, "identical": rows == greedy == legacy, "rows": rows,
             "greedy_steps_per_batch": steps, "spec_calls_per_batch": stats["calls"] / len(batches),
             "legacy_tps": tokens / statistics.median(l_t), "greedy_tps": tokens / statistics.median(g_t),
@@ -148,6 +149,9 @@ def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
             for name, decode in (("greedy", generate), ("spec", speculative_generate_batch)):
                 calls.clear()
                 total = timed(lambda: decode(model, images, prompts, new_tokens))
+                if not calls.get(name):
+                    raise SystemExit(f"--base: {name} decoding made no model call after the prefill "
+                                     f"(--new-tokens {new_tokens}); use --new-tokens 2 or more")
                 prefill = calls[name + " prefill"][0]
                 parts.setdefault(name + " prefill", []).append(prefill)
                 parts.setdefault(name, []).append((total - prefill) / len(calls[name]))
@@ -240,20 +244,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{args.model} (n_future={cfg.n_future}, {args.dtype}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
               "| threads | batch | packed | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up (wall) | speed-up (CPU time) | "
               "tokens/call | accepted per draft position | identical | uncertified argmax rows |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-        outputs = {}
+        same = True  # packed and F.linear decode the same tokens, in every configuration
         for threads in args.threads:
             torch.set_num_threads(threads)
             for B in args.batches:
                 for pack in packings:
                     packed.enabled = pack
-                    r = results[threads, B] = compare(model, images, B, args.new_tokens, args.repeats)
-                    outputs.setdefault(pack, r["rows"])
+                    r = results[threads, B, pack] = compare(model, images, B, args.new_tokens, args.repeats)
+                    same &= r["rows"] == results[threads, B, packings[0]]["rows"]
                     acc = " ".join(f"{a:.2f}" for a in r["accepted"])
                     print(f"| {threads} | {B} | {pack_label(pack)} | {r['legacy_tps']:.0f} | {r['greedy_tps']:.0f} | {r['spec_tps']:.0f} | "
                           f"{r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | {r['tokens_per_call']:.2f} | {acc} | {r['identical']} | "
                           f"{r['fallback']:.1%} |", flush=True)
-        if len(outputs) == 2:
-            print(f"packed and F.linear decode the same tokens: {outputs[True] == outputs[False]}")
+        if len(packings) == 2:
+            print(f"packed and F.linear decode the same tokens in every configuration: {same}")
     if args.base and results:
         widths = {"demo (random weights)": load_config("demo", ["model.n_future=4"]).model,
                   "base 24x768 (random weights)": load_config("base", ["model.vision.model_name=vlm-tiny-vit", "model.vision.freeze=false",
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                         for pack in packings:
                             packed.enabled = pack
                             c = call_costs(m, B, args.new_tokens, args.repeats)
-                            r = results.get((threads, B))
+                            r = results.get((threads, B, pack))
                             proj = "-"
                             if r:
                                 greedy = c["greedy_prefill_s"] + r["greedy_steps_per_batch"] * c["greedy_step_s"]

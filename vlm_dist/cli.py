@@ -26,11 +26,12 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "so greedy got 4x faster as well). "
                     "Greedy only: refused with --temperature > 0.")
 DEVICE_HELP = f"Where to decode: {DEVICE_CHOICES}."
-DTYPE_HELP = ("Precision to decode in: stored (the export's dtype, so the same numbers on every machine), fp32 or "
-              "bf16. On a 2-core AMD EPYC with avx512_bf16, one thread, a base-width (24 x 768) greedy step took "
-              "40.5 ms in fp32 and 15.3 ms in bf16 (its weights packed once for oneDNN), a speculative verify call "
-              "65.3 and 20.0 ms (docs/bench/issue9_round10.md); at the demo's width (128) fp32 is faster there. On a "
-              "CPU without native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so.")
+DTYPE_HELP = ("Precision to decode in: fp32 (the default: an export, stored in fp32 or bf16, decodes the same on "
+              "every machine) or bf16. On a 2-core AMD EPYC with avx512_bf16, one thread, a base-width (24 x 768) "
+              "greedy step took 40.5 ms in fp32 and 15.3 ms in bf16 (its weights packed once for oneDNN), a "
+              "speculative verify call 65.3 and 20.0 ms, with every argmax row certified as a trained model's are "
+              "(docs/bench/issue9_round10.md); at the demo's width (128) fp32 is faster there. On a CPU without "
+              "native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so.")
 STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
                "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
                "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "
@@ -376,7 +377,7 @@ def generate_cmd(
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dtype: str = typer.Option("stored", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ) -> None:
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
@@ -449,7 +450,7 @@ def eval_cmd(
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     static: Optional[bool] = typer.Option(None, "--static/--dynamic", help=STATIC_HELP, show_default=False),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dtype: str = typer.Option("stored", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Caption every image and answer every question; report exact match, VQA accuracy per question type,
     and COCO caption metrics (pycocoevalcap's official pipeline when Java is installed)."""

@@ -41,19 +41,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-DTYPE_CHOICES = ("stored", "fp32", "bf16")
+DTYPE_CHOICES = ("fp32", "bf16")
 
 
-def decode_dtype(name: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
-    """--dtype of `generate` and `eval` -> (the dtype to decode in, None: the export's own; a note or None).
-    The default "stored" decodes in the dtype the export holds, so an evaluation gives the same numbers on
-    every machine. "bf16" where the hardware has no native bf16 runs, slowly, with a note that says so."""
+def decode_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """--dtype of `generate` and `eval` -> (the dtype to decode in, a note or None). fp32, the default, decodes
+    every export (its weights stored in fp32 or bf16) the same way on every machine; "bf16" where the
+    hardware has no native bf16 runs, slowly, with a note that says so."""
     import torch
 
     if name not in DTYPE_CHOICES:
-        raise DeviceError(f"--dtype {name!r}: use {', '.join(DTYPE_CHOICES)}")
-    if name == "stored":
-        return None, None
+        raise DeviceError(f"--dtype {name!r}: use {' or '.join(DTYPE_CHOICES)}")
     if name == "fp32":
         return torch.float32, None
     from vlm_dist.train.dsconfig import cpu_flags, hardware_precision

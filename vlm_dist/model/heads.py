@@ -84,8 +84,11 @@ class FusedHeads:
         # weights are large; where they are small the m - 1 extra calls cost more. On one core of the 2-core
         # EPYC (avx512_bf16), a verify call: base width (up 3072 x 768) 21.7 -> 19.3 ms, demo width (512 x 128)
         # 1.17 -> 1.26 ms (docs/bench/issue9_round10.md); hence per head from PER_HEAD_ELEMENTS in an up-projection.
-        self.per_head = {"out": [(b.attn.out.weight, b.attn.out.bias) for b in blocks], "up": up,
-                         "down": [(b.mlp[2].weight, b.mlp[2].bias) for b in blocks]} if up[0][0].numel() >= self.PER_HEAD_ELEMENTS else None
+        # The (out, in) weights are views of the stacked ones: no memory on any device. Made once here, so that
+        # packed.linear finds the same tensors (its copies are kept per tensor) on every call.
+        self.per_head = {name: [(w[k].T, b[k, 0]) for k in range(m)] for name, w, b in
+                         (("out", self.out_w, self.out_b), ("up", self.up_w, self.up_b), ("down", self.down_w, self.down_b))
+                         } if self.up_w[0].numel() >= self.PER_HEAD_ELEMENTS else None
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor, cache: KVCache, first_layer: int, at: torch.Tensor) -> torch.Tensor:

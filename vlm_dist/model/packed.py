@@ -11,14 +11,17 @@ EPYC (Zen 5, avx512_bf16), 1 thread, a (2304 x 768) bf16 linear took 106 -> 58 u
 greedy step 26.6 -> 15.3 ms (docs/bench/issue9_round10.md). fp32 goes to MKL, where packing saved nothing, and
 GPUs never come here: both keep F.linear.
 
-The packed copies live on the module that owns the weights (`owner`), keyed by the weight's
-(data_ptr, _version); a write through `.data` (DeepSpeed's ZeRO optimizer) bumps neither, so
-VLM.drop_decode_caches drops them (`drop`), as it drops the argmax table. They cost one more copy of the
-decoder's bf16 weights while they live. torch.ops.mkldnn's ops are not public API: where they are
+The packed copies live on the module that owns the weights (`owner`), each checked against the weight itself
+(a weak reference) and its (data_ptr, _version, shape); a write through `.data` (DeepSpeed's ZeRO optimizer)
+changes none of these, so VLM.drop_decode_caches drops them (`drop`), as it drops the argmax table. They cost
+one more copy of the decoder's bf16 weights while they live, and deep copies and pickles of the model leave
+them out (oneDNN's packed tensors can be neither copied nor saved). torch.ops.mkldnn's ops are not public API: where they are
 missing, or the CPU lacks oneDNN's bf16 kernels (an AVX2-only CPU), F.linear serves (`AVAILABLE`).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +36,31 @@ AVAILABLE = (torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkld
 enabled = True  # benchmarks switch it off to measure F.linear side by side (tools/bench_decode.py)
 
 
+class _Copies(dict):
+    """id(weight) -> (weak reference to it, (data_ptr, _version, shape), packed copy). Deep-copies and pickles
+    as empty: oneDNN's packed tensors can be neither copied nor saved (copy.deepcopy / torch.save of a model
+    that decoded in bf16 would raise), and a copy's weights are other tensors anyway."""
+
+    def __reduce__(self):  # copy.deepcopy and pickle (torch.save) both go through it
+        return _Copies, ()
+
+
 def linear(owner: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias); a bf16 CPU call without autograd multiplies by a packed copy of `weight`
-    kept on `owner` (made on first use, remade when the weight's storage or version changes)."""
+    kept on `owner` (made on first use, remade when the weight's storage, version or shape changes)."""
     if not applies(x, weight):
         return F.linear(x, weight, bias)
-    cache = owner.__dict__.setdefault(ATTR, {})
-    key = (weight.data_ptr(), weight._version, weight.shape)
+    cache = owner.__dict__.get(ATTR)
+    if cache is None:
+        cache = owner.__dict__[ATTR] = _Copies()
+    # a tensor made under torch.inference_mode() has no version counter (nor can it change in place)
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, weight.shape)
     entry = cache.get(id(weight))
-    if entry is None or entry[0] != key:
-        entry = cache[id(weight)] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), entry[1], bias, "none", [], "")
+    if entry is None or entry[0]() is not weight or entry[1] != key:
+        for dead in [i for i, e in cache.items() if e[0]() is None]:  # weights replaced since: free their copies
+            del cache[dead]
+        entry = cache[id(weight)] = (weakref.ref(weight), key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), entry[2], bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -296,8 +296,9 @@ class VLM(nn.Module):
         """Forget the argmax table, the stacked heads, the static decoding sessions and the packed bf16 weights; the next decode rebuilds them from the weights
         (0.3 s at the demo width, 2.3 s at base width, on one core of the 2-core EPYC; once per
         generation eval in training). Their keys (data_ptr, _version) catch an optimizer step of plain
-        PyTorch, a load and .to(), but not a write through `.data`, which is how DeepSpeed's ZeRO
-        optimizer updates the weights (same storage, no version bump): a stale table would pick greedy
+        PyTorch's default (foreach) AdamW, a load and .to(), but not a write through `.data`, which is how
+        DeepSpeed's ZeRO optimizer updates the weights (same storage, no version bump), nor, a review found,
+        torch's fused AdamW kernel: a stale table would pick greedy
         tokens from old rows under an old certificate. So decoding a model in training mode drops them
         first (infer/generate.py `decoding`: the trainer's generation eval); call it yourself after
         writing an eval-mode model's weights through `.data`. Dropping, not comparing with copies of the
