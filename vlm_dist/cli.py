@@ -21,9 +21,10 @@ app = typer.Typer(
 SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verified by the model, a batch in one "
                     "loop: output identical to greedy; needs a model with model.n_future > 1 (base: 4; the demo preset: 1). "
                     "Measured on 2 CPU cores, fp32, the demo recipe trained with n_future 4 "
-                    "(docs/bench/issue9_round8.md): 3.65 tokens per call, 1.20x / 1.26x greedy's tokens/s at batch "
-                    "1 / 8 on one thread, 1.38x / 1.22x on two (greedy's argmax is certified from a shortlist too, "
-                    "so greedy got 4x faster as well). "
+                    "(docs/bench/issue9_round10.md): 3.47 tokens per call, 1.37x / 1.22x greedy's tokens/s at batch "
+                    "1 / 8 on one thread, 1.31x / 1.36x on two (greedy's argmax is certified from a shortlist too, "
+                    "so greedy got 4x faster as well); at base width in bf16 (--dtype bf16) its batches project "
+                    "to 2.0-2.2x / 1.5-1.6x. "
                     "Greedy only: refused with --temperature > 0.")
 DEVICE_HELP = f"Where to decode: {DEVICE_CHOICES}."
 DTYPE_HELP = ("Precision to decode in: fp32 (the default: an export, stored in fp32 or bf16, decodes the same on "
