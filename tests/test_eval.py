@@ -80,7 +80,8 @@ def test_too_long_question_is_counted_not_a_crash(tmp_path):
 def test_eval_of_a_model_in_training_rebuilds_its_argmax_table_once(tmp_path, monkeypatch):
     """The trainer's generation eval decodes a model in training mode, whose weights ZeRO wrote through
     .data: evaluate_generation drops the decode caches once, decodes every batch in eval mode with the
-    rebuilt table (the same predictions as an eval-mode model) and hands the model back in training mode."""
+    rebuilt table (the same predictions as an eval-mode model) and hands the model back in training mode,
+    without its decode caches (later ZeRO steps would make them stale; packed weights would take memory)."""
     import vlm_dist.model.vlm as vlm_module
 
     paths = make_demo_data(tmp_path / "d", n_train=1, n_val=3, side=32)["val"]
@@ -98,9 +99,12 @@ def test_eval_of_a_model_in_training_rebuilds_its_argmax_table_once(tmp_path, mo
     model.train()
     got = [p["prediction"] for p in evaluate_generation(model, str(tmp_path / "shards"), **kw)["predictions"]]
     assert model.training and len(built) == 1  # several batches, one table, from the new weights
+    assert getattr(model, "_argmax", None) is None  # nothing decode-made stays with a model that trains on
     model.eval()
     again = [p["prediction"] for p in evaluate_generation(model, str(tmp_path / "shards"), **kw)["predictions"]]
-    assert got == again and len(built) == 1  # eval mode keeps the table
+    assert got == again and len(built) == 2  # an eval-mode model builds its table ...
+    evaluate_generation(model, str(tmp_path / "shards"), **kw)
+    assert len(built) == 2  # ... and keeps it
     assert got != want  # the flipped unembedding changed the greedy tokens: the old table was not used
 
 

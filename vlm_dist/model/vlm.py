@@ -300,7 +300,8 @@ class VLM(nn.Module):
         DeepSpeed's ZeRO optimizer updates the weights (same storage, no version bump), nor, a review found,
         torch's fused AdamW kernel: a stale table would pick greedy
         tokens from old rows under an old certificate. So decoding a model in training mode drops them
-        first (infer/generate.py `decoding`: the trainer's generation eval); call it yourself after
+        first and again when it hands the model back (infer/generate.py `decoding`: the trainer's generation
+        eval; later steps would make them stale, and the packed copies take memory); call it yourself after
         writing an eval-mode model's weights through `.data`. Dropping, not comparing with copies of the
         weights, keeps no second copy of the (V, D) unembedding (150 MB at base width)."""
         self._argmax_key = self._fused_key = None
