@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def pack_label(pack: bool) -> str:
         return "yes" if pack and packed.AVAILABLE else "no"
+
     print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at start")
     results = {}
     if args.model:

@@ -82,7 +82,7 @@ class FusedHeads:
         # the same linears per head, (out, in) as nn.Linear holds them: in bf16 on a CPU, m packed linears
         # (model/packed.py) beat one batched matmul, whose weights oneDNN repacks on every call, where the
         # weights are large; where they are small the m - 1 extra calls cost more. On one core of the 2-core
-        # EPYC (avx512_bf16), a verify call: base width (up 3072 x 768) 21.7 -> 19.3 ms, demo width (512 x 128)
+        # EPYC (avx512_bf16), a verify call: base width (up 3072 x 768) 21.8 -> 19.7 ms, demo width (512 x 128)
         # 1.17 -> 1.26 ms (docs/bench/issue9_round10.md); hence per head from PER_HEAD_ELEMENTS in an up-projection.
         # The (out, in) weights are views of the stacked ones: no memory on any device. Made once here, so that
         # packed.linear finds the same tensors (its copies are kept per tensor) on every call.

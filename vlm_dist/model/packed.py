@@ -15,8 +15,9 @@ The packed copies live on the module that owns the weights (`owner`), each check
 (a weak reference) and its (data_ptr, _version, shape); a write through `.data` (DeepSpeed's ZeRO optimizer)
 changes none of these, so VLM.drop_decode_caches drops them (`drop`), as it drops the argmax table. They cost
 one more copy of the decoder's bf16 weights while they live, and deep copies and pickles of the model leave
-them out (oneDNN's packed tensors can be neither copied nor saved). torch.ops.mkldnn's ops are not public API: where they are
-missing, or the CPU lacks oneDNN's bf16 kernels (an AVX2-only CPU), F.linear serves (`AVAILABLE`).
+them out (oneDNN's packed tensors can be neither copied nor saved). torch.ops.mkldnn's ops are not public
+API: where they are missing, or the CPU lacks oneDNN's bf16 kernels (an AVX2-only CPU), F.linear serves
+(`AVAILABLE`).
 """
 
 from __future__ import annotations
