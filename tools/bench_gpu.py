@@ -281,13 +281,12 @@ def part_decode(cfg, args, device) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches, images = ints(args.decode_batches), None
-    if args.decode_model:  # trained heads on the scenes they learned to caption (seed 12345: unseen in training)
-        from train_quick import demo_samples
+    if args.decode_model:  # trained heads on the scenes they learned to caption (unseen in training)
+        from bench_decode import load_images
         from vlm_dist.infer.load import load_exported
 
-        model, mcfg = load_exported(args.decode_model, device=device, dtype=dtype)
-        side = mcfg.vision.geometry["image_size"]
-        images = torch.stack([im for im, _, _ in demo_samples(max(batches), seed=12345, side=side)]).to(device)
+        model, _ = load_exported(args.decode_model, device=device, dtype=dtype)
+        images = load_images(model, None, max(batches)).to(device)
     else:
         model = VLM(cfg.model).to(device, dtype).eval()
     rows = bench_decode(model, batches, args.new_tokens, args.decode_repeats, log=lambda m: print(m, file=sys.stderr),

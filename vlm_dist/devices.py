@@ -17,7 +17,7 @@ CHOICES = "auto (the first GPU when torch sees one, else the CPU), cpu, cuda or 
 
 
 class DeviceError(ValueError):
-    """A --device that torch cannot use here."""
+    """A --device that torch cannot use here, or a --dtype that is not one of DTYPE_CHOICES."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
