@@ -217,3 +217,22 @@ def test_sessions_start_clean_and_go_with_the_model(trained4):  # noqa: F811
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_a_model_made_under_inference_mode_decodes_with_every_decoder(trained4):  # noqa: F811
+    """Weights made under torch.inference_mode() (a model built or loaded there) are inference tensors, which
+    have no version counter: the decode caches' keys (model/stamps.py) must not read one. Every decoder then
+    gives the output of the same weights made normally."""
+    images, prompts = class_images([0, 1, 2, 1], noise=0.3), mixed_prompts(4)
+    want = generate(trained4, images, prompts, max_new_tokens=12)
+    with torch.inference_mode():
+        model = VLM(trained4.cfg).eval()
+        model.load_state_dict(trained4.state_dict())
+        assert all(p.is_inference() for p in model.parameters())
+        assert generate(model, images, prompts, max_new_tokens=12) == want
+        assert generate(model, images, prompts, max_new_tokens=12, static=True) == want
+        assert speculative_generate_batch(model, images, prompts, max_new_tokens=12)[0] == want
+        assert speculative_generate_batch(model, images, prompts, max_new_tokens=12, static=True)[0] == want
+        with torch.no_grad():  # a second decode reuses the table, heads and session made by the first
+            assert generate(model, images, prompts, max_new_tokens=12, static=True) == want
+    assert sum(map(len, want)) > 0

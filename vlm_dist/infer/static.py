@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_dist.model.decoder import KVCache
+from vlm_dist.model.stamps import stamps
 
 MAX_SESSIONS = 4  # sessions kept per model (an evaluation needs two per decoder: its batch size and the last batch's)
 
@@ -61,12 +62,12 @@ def session(model, kind: str, batch: int, max_len: int) -> Session:
     """The Session for `kind` ("greedy" or "verify") decodes of `batch` rows over a `max_len` cache, its cache
     emptied (lengths 0: the prefill writes from the start, and the steps mask what an earlier decode left
     beyond each row's length). Reused from an earlier decode while no weight has changed: an optimizer step,
-    a load or .to() changes a parameter's (data_ptr, _version); a write through `.data` (DeepSpeed's ZeRO)
+    a load or .to() changes a parameter's stamp (model/stamps.py: data_ptr, version); a write through `.data` (DeepSpeed's ZeRO)
     changes neither, and VLM.drop_decode_caches drops the sessions for it. At most MAX_SESSIONS, least
     recently used first out."""
     p = model.lm_head.weight
     key = (kind, batch, max_len, p.device, p.dtype)
-    weights = tuple((w.data_ptr(), w._version) for w in model.parameters())
+    weights = stamps(model.parameters())
     store = model.__dict__.setdefault("_static_sessions", OrderedDict())
     if any(other.weights != weights for other in store.values()):
         store.clear()  # the weights changed: every session's step read the old ones (its stacked heads)

@@ -12,7 +12,7 @@ greedy step 26.6 -> 15.3 ms (docs/bench/issue9_round10.md). fp32 goes to MKL, wh
 GPUs never come here: both keep F.linear.
 
 The packed copies live on the module that owns the weights (`owner`), each checked against the weight itself
-(a weak reference) and its (data_ptr, _version, shape); a write through `.data` (DeepSpeed's ZeRO optimizer)
+(a weak reference) and its stamp (model/stamps.py: data_ptr, version) and shape; a write through `.data` (DeepSpeed's ZeRO optimizer)
 changes none of these, so VLM.drop_decode_caches drops them (`drop`), as it drops the argmax table. They cost
 one more copy of the decoder's bf16 weights while they live, and deep copies and pickles of the model leave
 them out (oneDNN's packed tensors can be neither copied nor saved). torch.ops.mkldnn's ops are not public
@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_dist.model.stamps import stamp
+
 ATTR = "_packed_linears"
 # the two ops, and oneDNN's bf16 kernels on this CPU (avx512bw/vl/dq or avx_ne_convert: an AVX2-only CPU has
 # none, and the packing op raises there)
@@ -38,7 +40,7 @@ enabled = True  # benchmarks switch it off to measure F.linear side by side (too
 
 
 class _Copies(dict):
-    """id(weight) -> (weak reference to it, (data_ptr, _version, shape), packed copy). Deep-copies and pickles
+    """id(weight) -> (weak reference to it, (stamp, shape), packed copy). Deep-copies and pickles
     as empty: oneDNN's packed tensors can be neither copied nor saved (copy.deepcopy / torch.save of a model
     that decoded in bf16 would raise), and a copy's weights are other tensors anyway."""
 
@@ -54,8 +56,7 @@ def linear(owner: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     cache = owner.__dict__.get(ATTR)
     if cache is None:
         cache = owner.__dict__[ATTR] = _Copies()
-    # a tensor made under torch.inference_mode() has no version counter (nor can it change in place)
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, weight.shape)
+    key = (*stamp(weight), weight.shape)
     entry = cache.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != key:
         for dead in [i for i, e in cache.items() if e[0]() is None]:  # weights replaced since: free their copies

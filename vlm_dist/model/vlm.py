@@ -21,6 +21,7 @@ from vlm_dist.model.argmax import CertifiedArgmax
 from vlm_dist.model.decoder import Block, KVCache, checkpointed, sinusoidal_positions
 from vlm_dist.model.heads import ExtraHeads, FusedHeads
 from vlm_dist.model.loss import Unembedding
+from vlm_dist.model.stamps import stamp, stamps
 from vlm_dist.model.vision import VisionEncoder
 from vlm_dist.text import IGNORE_INDEX, get_tokenizer
 
@@ -270,7 +271,7 @@ class VLM(nn.Module):
         """The extra heads stacked for drafting (heads.FusedHeads), rebuilt whenever one of their weights
         changes (an optimizer step or a load bumps a version; .to() makes new tensors; a write through
         `.data`, as DeepSpeed's ZeRO makes, bumps none: drop_decode_caches)."""
-        key = tuple((p.data_ptr(), p._version) for p in self.extra_heads.parameters())
+        key = stamps(self.extra_heads.parameters())
         if getattr(self, "_fused_key", None) != key:
             self._fused, self._fused_key = FusedHeads(self.extra_heads), key
         return self._fused
@@ -287,7 +288,7 @@ class VLM(nn.Module):
         load bumps its version; .to() makes a new tensor; a write through `.data`, as DeepSpeed's ZeRO
         makes, bumps none: drop_decode_caches)."""
         W = self.lm_head.weight
-        key = (W.data_ptr(), W._version, W.dtype, W.device)
+        key = (*stamp(W), W.dtype, W.device)
         if getattr(self, "_argmax_key", None) != key:
             self._argmax, self._argmax_key = CertifiedArgmax(W), key
         return self._argmax
@@ -295,7 +296,7 @@ class VLM(nn.Module):
     def drop_decode_caches(self) -> None:
         """Forget the argmax table, the stacked heads, the static decoding sessions and the packed bf16 weights; the next decode rebuilds them from the weights
         (0.3 s at the demo width, 2.3 s at base width, on one core of the 2-core EPYC; once per
-        generation eval in training). Their keys (data_ptr, _version) catch an optimizer step of plain
+        generation eval in training). Their keys (model/stamps.py: data_ptr, version) catch an optimizer step of plain
         PyTorch's default (foreach) AdamW, a load and .to(), but not a write through `.data`, which is how
         DeepSpeed's ZeRO optimizer updates the weights (same storage, no version bump), nor, a review found,
         torch's fused AdamW kernel: a stale table would pick greedy
