@@ -168,3 +168,21 @@ def test_certificate_holds_on_a_trained_model(trained4):
     assert trained4.argmax_table() is table and table.rows - rows > 50
     assert table.fallback_rows - fallback <= 0.1 * (table.rows - rows)
     assert table.size < trained4.vocab_size // 10  # a real shortlist
+
+
+def test_no_new_tokens_emit_nothing_and_one_image_may_be_its_tower_tokens(trained4):
+    """max_new_tokens 0: no token, as greedy (the limit is checked before a draft token is emitted). One image's
+    frozen-tower tokens (P, W) or (1, P, W) (precompute-features) decode as its pixels do."""
+    import copy
+
+    images, prompts = class_images([0, 1]), mixed_prompts(2)
+    assert speculative_generate_batch(trained4, images, prompts, max_new_tokens=0)[0] == [[], []]
+    assert generate(trained4, images, prompts, max_new_tokens=0) == [[], []]
+    frozen = copy.deepcopy(trained4)
+    frozen.vision.frozen = True  # tower tokens stand in for a frozen tower only
+    with torch.no_grad():
+        tokens = frozen.vision(images[:1])  # (1, P, W)
+    want = speculative_generate(frozen, images[0], prompts[0], max_new_tokens=8)
+    assert len(want[0]) > 0
+    assert speculative_generate(frozen, tokens, prompts[0], max_new_tokens=8) == want
+    assert speculative_generate(frozen, tokens[0], prompts[0], max_new_tokens=8) == want

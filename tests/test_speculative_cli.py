@@ -39,12 +39,17 @@ def test_generate_speculative_batch_matches_greedy_and_reports(export_and_shards
     assert "tokens/s" in spec.stderr
 
 
-def test_speculative_sampling_is_refused(export_and_shards):
+def test_speculative_sampling_samples_with_its_seed(export_and_shards):
+    """--speculative with --temperature: speculative sampling (its distribution is tested in
+    tests/test_spec_sampling.py); the same seed gives the same text, and the stats line is printed."""
     root, _ = export_and_shards
     image = next((root / "data" / "images" / "val2017").glob("*.jpg"))
-    res = runner.invoke(app, ["generate", "--model", str(root / "export"), "--image", str(image), "--speculative",
-                              "--temperature", "0.7"])
-    assert res.exit_code == 2 and "drop --temperature" in res.output
+    args = ["generate", "--model", str(root / "export"), "--image", str(image), "--image", str(image),
+            "--speculative", "--temperature", "0.7", "--max-new-tokens", "6", "--json"]
+    first, again = runner.invoke(app, [*args, "--seed", "4"]), runner.invoke(app, [*args, "--seed", "4"])
+    assert first.exit_code == 0 and again.exit_code == 0, first.output
+    assert first.stdout == again.stdout and first.stdout.count("{") == 2
+    assert "tokens per model call" in first.stderr
 
 
 def test_eval_speculative_reports_stats_and_same_predictions(export_and_shards, tmp_path):

@@ -6,6 +6,7 @@
     python tools/bench_decode.py --cache-table                               # cached vs uncached greedy
     python tools/bench_decode.py --model runs/demo/export --profile          # where a step's / a call's time goes
     python tools/bench_decode.py --model runs/quick4 --dtype bf16 --packing both --base   # bf16, packed weights vs F.linear
+    python tools/bench_decode.py --model runs/quick4 --sampling 0.7                       # plain vs speculative sampling
 
 1. Trained model (--model, an export folder), per thread count (--threads) and batch size (--batches):
    greedy as before issue 9 (lm_head logits then argmax), greedy (`generate`, temperature 0: one
@@ -162,6 +163,37 @@ def call_costs(model, B: int, new_tokens: int, repeats: int) -> dict:
             "spec_prefill_s": med["spec prefill"], "spec_call_s": med["spec"]}
 
 
+def compare_sampling(model, images: torch.Tensor, B: int, new_tokens: int, repeats: int, temperature: float,
+                     top_p: float) -> dict:
+    """Plain sampling (`generate`, temperature > 0) vs speculative sampling over all images in batches of B;
+    medians of alternating repeats, each repeat with its own seed (the samples differ, so tokens/s counts what
+    each decode emitted)."""
+    from vlm_dist.infer.generate import generate
+    from vlm_dist.infer.spec_sampling import speculative_sample_batch
+    from vlm_dist.infer.speculative import merge_stats
+    from vlm_dist.text import get_tokenizer, prompt_tokens
+
+    prompt = prompt_tokens(get_tokenizer())
+    batches = [images[i : i + B] for i in range(0, len(images), B)]
+    plain_tps, spec_tps, parts = [], [], []
+    for rep in range(repeats):
+        g = torch.Generator().manual_seed(rep)
+        plain: list = []
+        t = timed(lambda: [plain.extend(generate(model, b, [prompt] * len(b), new_tokens, temperature=temperature,
+                                                 top_p=top_p, generator=g)) for b in batches])
+        plain_tps.append(sum(map(len, plain)) / t)
+        spec: list = []
+        t = timed(lambda: [spec.append(speculative_sample_batch(model, b, [prompt] * len(b), new_tokens, temperature,
+                                                                top_p, generator=g)) for b in batches])
+        stats = merge_stats([st for _, st in spec])
+        spec_tps.append(stats["tokens"] / t)
+        parts.append(stats)
+    stats = merge_stats(parts)
+    return {"batch": B, "plain_tps": statistics.median(plain_tps), "spec_tps": statistics.median(spec_tps),
+            "speedup": statistics.median(s / p for s, p in zip(spec_tps, plain_tps)),
+            "tokens_per_call": stats["tokens_per_call"], "accepted": stats["accepted_per_position"]}
+
+
 @torch.no_grad()
 def profile_calls(model, images: torch.Tensor, B: int, calls: int = 100, top: int = 10) -> None:
     """torch.profiler over `calls` greedy steps and `calls` verify calls (batch B, the model's caption
@@ -219,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", action="store_true", help="also the base-width call costs and projected speed-up")
     p.add_argument("--cache-table", action="store_true", help="also cached vs uncached greedy (random demo weights)")
     p.add_argument("--profile", action="store_true", help="only profile one greedy step and one verify call per --batches (1 thread)")
+    p.add_argument("--sampling", type=float, metavar="T", help="part 1 samples at temperature T instead: plain sampling vs "
+                   "speculative sampling (infer/spec_sampling.py)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sampling")
     args = p.parse_args(argv)
     from vlm_dist.config import load_config
     from vlm_dist.model import VLM, packed
@@ -241,6 +276,20 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(1)
             for B in args.batches:
                 profile_calls(model, images, B)
+            return
+        if args.sampling:
+            print(f"\n{args.model} (n_future={cfg.n_future}, {args.dtype}), {len(images)} images, captions, <= {args.new_tokens} "
+                  f"tokens, sampling at temperature {args.sampling}, top-p {args.top_p}\n"
+                  "| threads | batch | plain sampling tok/s | speculative sampling tok/s | speed-up (median of paired repeats) | "
+                  "tokens/call | kept per draft position |\n|---|---|---|---|---|---|---|")
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for B in args.batches:
+                    r = compare_sampling(model, images, B, args.new_tokens, args.repeats, args.sampling, args.top_p)
+                    acc = " ".join(f"{a:.2f}" for a in r["accepted"])
+                    print(f"| {threads} | {B} | {r['plain_tps']:.0f} | {r['spec_tps']:.0f} | {r['speedup']:.2f}x | "
+                          f"{r['tokens_per_call']:.2f} | {acc} |", flush=True)
+            print(f"\nload average {os.getloadavg()[0]:.1f} at end")
             return
         print(f"\n{args.model} (n_future={cfg.n_future}, {args.dtype}), {len(images)} images, captions, <= {args.new_tokens} tokens\n"
               "| threads | batch | packed | greedy before tok/s | greedy tok/s | speculative tok/s | speed-up (wall) | speed-up (CPU time) | "

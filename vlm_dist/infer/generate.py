@@ -18,17 +18,38 @@ from vlm_dist.infer.static import StaticSteps, graphed, session, static_default
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits (..., V) -> the distribution that sampling draws from (..., V), in fp32 and normalised:
+    softmax(logits / temperature), cut to the smallest set of tokens with mass >= top_p and renormalised."""
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest set with mass >= top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw from each row of probs (..., V) (non-negative, any positive sum) -> ids (...): one uniform
+    number per row against the cumulative sum, in float64 (torch.multinomial draws V exponentials per row
+    on a CPU, which at V = 49,408 cost more than the rest of a sampling step). A token of probability 0 is
+    never drawn."""
+    cdf = probs.reshape(-1, probs.shape[-1]).cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    # drawn where the generator lives (the CLI's is a CPU one, also for a GPU decode), then moved
+    where = generator.device if generator is not None else cdf.device
+    u = torch.rand(total.shape, dtype=torch.float64, device=where, generator=generator).to(cdf.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total, also after rounding
+    return torch.searchsorted(cdf, u, right=True).view(probs.shape[:-1])  # the first token whose sum passes u
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return sample(sampling_probs(logits, temperature, top_p), generator)
 
 
 @contextlib.contextmanager

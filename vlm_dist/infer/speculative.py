@@ -88,22 +88,9 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
             # one host sync per call: each row's accepted count (at + 1) and its draft tokens
             host = torch.cat([at[:, None], draft], dim=1).tolist()  # [last accepted position, draft...] per row
             next_draft = torch.cat([nxt[:, None], guesses], dim=1)  # (b, n)
-            keep = []
-            for r, b in (((b, b) for b in live) if static else enumerate(live)):  # static: row r of the batch is b
-                acc, tokens = host[r][0] + 1, host[r][1:]
-                for i in range(acc):
-                    accepted_at[i] += 1
-                finished = False
-                for t in tokens[:acc]:
-                    if t == tok.eos_id:
-                        finished = True
-                        break
-                    out[b].append(t)
-                    if len(out[b]) >= max_new_tokens:
-                        finished = True
-                        break
-                if not finished:
-                    keep.append(r)
+            rows = ((b, b) for b in live) if static else enumerate(live)  # static: row r of the batch is b
+            keep = [r for r, b in rows if not emit(out[b], host[r][1:], host[r][0] + 1, accepted_at, tok.eos_id,
+                                                   max_new_tokens)]
             if static:
                 still = set(keep)
                 cache.crop([l + (h[0] + 1 if b in still else 0) for b, (l, h) in enumerate(zip(base, host))])
@@ -119,15 +106,34 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                 if keep:
                     cache.keep_rows(keep)
                     draft = draft[keep]
+    return out, finish_stats(out, calls, row_calls, accepted_at)
+
+
+def emit(row: list[int], draft: list[int], accepted: int, accepted_at: list[int], eos: int, max_new_tokens: int) -> bool:
+    """Append a row's first `accepted` draft tokens to its output `row` up to the end token or max_new_tokens
+    (neither is emitted past), counting each accepted draft position in accepted_at; True when the row is done."""
+    for i in range(accepted):
+        accepted_at[i] += 1
+    for t in draft[:accepted]:
+        if t == eos or len(row) >= max_new_tokens:  # the limit first: max_new_tokens 0 emits nothing
+            return True
+        row.append(t)
+        if len(row) >= max_new_tokens:
+            return True
+    return False
+
+
+def finish_stats(out: list[list[int]], calls: int, row_calls: int, accepted_at: list[int]) -> dict:
+    """A speculative decode's stats (see speculative_generate_batch)."""
     emitted = sum(map(len, out))
-    return out, {"calls": calls, "row_calls": row_calls, "tokens": emitted,
-                 "tokens_per_call": emitted / max(row_calls, 1),
-                 "accepted_per_position": [a / max(row_calls, 1) for a in accepted_at]}
+    return {"calls": calls, "row_calls": row_calls, "tokens": emitted, "tokens_per_call": emitted / max(row_calls, 1),
+            "accepted_per_position": [a / max(row_calls, 1) for a in accepted_at]}
 
 
 def speculative_generate(model, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 32) -> tuple[list[int], dict]:
-    """One image (1, 3, H, W) or (3, H, W) and its prompt: `speculative_generate_batch` with B = 1."""
-    if image.dim() == 3:
+    """One image (1, 3, H, W) or (3, H, W), or its tower tokens (1, P, W) or (P, W) (precompute-features), and
+    its prompt: `speculative_generate_batch` with B = 1."""
+    if image.dim() == 2 or image.dim() == 3 and image.shape[0] != 1:  # no batch dimension yet
         image = image[None]
     ids, stats = speculative_generate_batch(model, image, [prompt], max_new_tokens)
     return ids[0], stats

@@ -243,14 +243,8 @@ class VLM(nn.Module):
         The extra heads run stacked (`heads`, default `fused_heads()`: pass it in a decoding loop, its
         check walks the heads' parameters), and only at `last` for all but their keys and values.
         """
-        if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
-            raise ValueError("pass images on the first step (empty cache) and only then")
         B, T = input_ids.shape
-        if cache.uniform:
-            x = self.embed(images, input_ids, offset=cache.lengths[0])
-        else:
-            x = self.embed(None, input_ids, positions=cache.positions(T))
-        h = self.trunk(x, cache)  # (B, S, D): S = T, or P + T on the first call (the heads see the image too)
+        h = self.fed_states(input_ids, cache, images)  # (B, S, D): S = T, or P + T on the first call
         if last is None:
             greedy = self.greedy_ids(self.norm(h[:, -T:]))  # (B, T): head 0's choice after each draft token
             match = (input_ids[:, 1:] == greedy[:, :-1]).long()  # (B, T-1)
@@ -264,8 +258,20 @@ class VLM(nn.Module):
             guesses = self.greedy_ids(heads(h, cache, self.cfg.n_layers, last + (h.shape[1] - T))).T  # (B, n-1)
         else:
             guesses = next_ids[:, None][:, :0]
-        cache.advance(x.shape[1])
+        cache.advance(h.shape[1])
         return next_ids, last, guesses
+
+    def fed_states(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's states (B, S, D) of input_ids (B, T) fed after each row's cache (images, and so S = P + T,
+        on the first call only), writing the trunk's keys and values; the caller advances the cache by S once the
+        extra heads have written theirs (verify_step; infer/spec_sampling.py)."""
+        if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
+            raise ValueError("pass images on the first step (empty cache) and only then")
+        if cache.uniform:
+            x = self.embed(images, input_ids, offset=cache.lengths[0])
+        else:
+            x = self.embed(None, input_ids, positions=cache.positions(input_ids.shape[1]))
+        return self.trunk(x, cache)
 
     def fused_heads(self) -> FusedHeads:
         """The extra heads stacked for drafting (heads.FusedHeads), rebuilt whenever one of their weights

@@ -1,0 +1,117 @@
+"""Speculative sampling (infer/spec_sampling.py) draws from the model's own distribution: the frequencies of
+sampled sequences match the probabilities the model gives them (a chi-square test against exact values
+computed by full forwards), with drafts from trained heads (most kept) and from damaged heads (most refused,
+so the residual distribution does the work); plain sampling (`generate`, temperature > 0) passes the same test."""
+
+import collections
+
+import pytest
+import torch
+
+from tests.test_speculative import class_images, mixed_prompts, tok, trained4, untrained  # noqa: F401
+from vlm_dist.infer.generate import generate, sample, sampling_probs
+from vlm_dist.infer.spec_sampling import accept, speculative_sample_batch
+from vlm_dist.infer.speculative import speculative_generate_batch
+from vlm_dist.text import prompt_tokens
+
+N, K, T = 1200, 3, 1.0  # samples, new tokens per sample, temperature
+
+
+def damaged(model):
+    """The same trunk with noise on the extra heads' weights: drafts the model mostly refuses."""
+    import copy
+
+    bad = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in bad.extra_heads.parameters():
+            p.add_(4 * p.std() * torch.randn(p.shape, generator=g))
+    return bad
+
+
+@torch.no_grad()
+def exact_probability(model, image, prompt, seq) -> float:
+    """The model's probability of sampling `seq` (then its end token, if shorter than K) at temperature T."""
+    probs = sampling_probs(model(image, torch.tensor([prompt + list(seq)]))["logits"][0, 0], T, 1.0)  # (L, V)
+    chain = list(seq) + ([tok.eos_id] if len(seq) < K else [])
+    return float(torch.prod(torch.stack([probs[len(prompt) - 1 + i, t] for i, t in enumerate(chain)])))
+
+
+def chi_square_p(model, image, prompt, rows) -> tuple[float, int]:
+    """p-value of the observed sequence counts against the model's probabilities: every sequence expected >= 5
+    times is its own cell, the rest pooled into one; and how many cells."""
+    counts = collections.Counter(tuple(r) for r in rows)
+    cells = [(c, N * exact_probability(model, image, prompt, s)) for s, c in counts.items()]
+    cells = [(c, e) for c, e in cells if e >= 5]
+    rest = (N - sum(c for c, _ in cells), N - sum(e for _, e in cells))
+    if rest[1] >= 5:
+        cells.append(rest)
+    chi2 = sum((c - e) ** 2 / e for c, e in cells)
+    df = len(cells) - 1
+    p = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(chi2 / 2, dtype=torch.float64))
+    return float(p), len(cells)
+
+
+def draw(decoder, model, image, prompt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows, stats = [], []
+    for _ in range(N // 300):
+        out = decoder(model, image.expand(300, -1, -1, -1), [prompt] * 300, K, temperature=T, generator=g)
+        rows += out[0] if isinstance(out, tuple) else out
+        stats += [out[1]] if isinstance(out, tuple) else []
+    return rows, stats
+
+
+@pytest.mark.parametrize("heads", ["trained", "damaged"])
+def test_speculative_sampling_draws_the_models_distribution(trained4, heads):  # noqa: F811
+    model = trained4 if heads == "trained" else damaged(trained4)
+    image, prompt = class_images([1], noise=0.1, seed=3), prompt_tokens(tok)
+    rows, stats = draw(speculative_sample_batch, model, image, prompt)
+    p, cells = chi_square_p(model, image, prompt, rows)
+    assert cells >= 8 and p > 1e-3, (p, cells)
+    kept = sum(s["accepted_per_position"][1] for s in stats) / len(stats)  # the first draft from the heads
+    assert (kept > 0.7) if heads == "trained" else (kept < 0.3), kept  # both the keep and the residual path ran
+
+
+def test_plain_sampling_draws_the_models_distribution(trained4):  # noqa: F811
+    image, prompt = class_images([1], noise=0.1, seed=3), prompt_tokens(tok)
+    rows, _ = draw(generate, trained4, image, prompt)
+    p, cells = chi_square_p(trained4, image, prompt, rows)
+    assert cells >= 8 and p > 1e-3, (p, cells)
+
+
+def test_accept_keeps_what_the_model_would_draw_and_replaces_the_rest():
+    """The rule itself: drafts drawn from p are always kept (then the next token comes from p after the
+    last); a draft the model gives probability 0 is always refused, and its replacement comes from the
+    residual max(0, p - q), never the refused token."""
+    g = torch.Generator().manual_seed(0)
+    B, n, V = 64, 4, 5
+    p = torch.softmax(torch.randn(B, n, V, generator=g), dim=-1)
+    draft = torch.randint(0, V, (B, n), generator=g)
+    last, nxt = accept(draft, p, p[:, :-1].clone(), g)  # q = p: kept with probability min(1, p/q) = 1
+    assert (last == n - 1).all()
+    q = torch.zeros(B, n - 1, V)
+    q[torch.arange(B)[:, None], torch.arange(n - 1), draft[:, 1:]] = 1.0  # all mass on the drafted token
+    p0 = p.clone()
+    p0[torch.arange(B), 0, draft[:, 1]] = 0.0  # ... which the model never draws after x0
+    p0 = p0 / p0.sum(-1, keepdim=True)
+    last, nxt = accept(draft, p0, q, g)
+    assert (last == 0).all() and (nxt != draft[:, 1]).all()
+
+
+def test_speculative_sampling_runs_ragged_batches_and_repeats_with_its_seed(trained4):  # noqa: F811
+    images, prompts = class_images([0, 1, 2, 1, 0], noise=0.3), mixed_prompts(5)
+
+    def run(model, seed, **kw):
+        return speculative_sample_batch(model, images, prompts, 10, temperature=0.7, top_p=0.9,
+                                        generator=torch.Generator().manual_seed(seed), **kw)
+
+    rows, stats = run(trained4, 3)
+    assert rows == run(trained4, 3)[0]
+    assert all(0 < len(r) <= 10 and tok.eos_id not in r for r in rows)
+    assert stats["tokens"] == sum(map(len, rows)) and stats["tokens_per_call"] > 1.5
+    one = untrained(1)  # no extra heads: one token per call
+    _, stats1 = run(one, 0)
+    assert stats1["tokens_per_call"] == 1.0
+    with pytest.raises(ValueError, match="temperature > 0"):
+        speculative_sample_batch(trained4, images, prompts, 4, temperature=0.0)
