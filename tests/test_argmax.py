@@ -219,3 +219,17 @@ def test_nonfinite_states_and_weights_give_the_full_argmax(dtype):
         W2[row, 0] = value
         x2 = states(8, seed=7, dtype=dtype)
         assert torch.equal(CertifiedArgmax(W2, ids=table.ids)(x2), full_argmax(x2, W2)), (row, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_states_of_tiny_or_huge_norm_give_the_full_argmax(dtype):
+    """Scaling a state changes no argmax. Below ~1e-19 per entry its fp32 norm underflows (0 at ~1e-23) while
+    the logits do not, so the certificate must not pass such rows; above ~1e19 the norm overflows to inf."""
+    W, _ = trained_like(dtype=dtype)
+    table = CertifiedArgmax(W)
+    x = F.layer_norm(states(500), (D,))
+    want = full_argmax(x.to(dtype), W)
+    for scale in (1e-19, 1e-21, 1e-23, 1e-25, 1e20):
+        scaled = (x * scale).to(dtype)
+        assert torch.equal(table(scaled), full_argmax(scaled, W)), scale
+    assert torch.equal(table(x.to(dtype)), want)

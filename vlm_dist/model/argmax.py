@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_SHORTLIST = 256  # rows; below this the shortlist matmul is all overhead anyway
+TINY_NORM = 1e-15  # a state of smaller norm is not certified: its fp32 norm may have underflowed (squares < 1e-30)
 
 
 def unembed_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,9 @@ class CertifiedArgmax:
         # x . w_j <= x . centre + radius ||x|| for every row j outside the shortlist (+ rounding); in fp32
         norm = (x if x.dtype == torch.float32 else x.float()).norm(dim=1)
         certified = best > torch.add(s[:, -1], norm, alpha=self.slack)  # bf16 logits meet an fp32 bound
+        # below ~1e-19 per entry the squares underflow and the norm with them (to 0 at ~1e-23), while the
+        # logits are still ordinary numbers: such rows (never a layer norm's output) take the full matmul
+        certified &= norm > TINY_NORM
         if not bool(certified.all()):
             bad = (~certified).nonzero().squeeze(1)
             out[bad] = unembed_argmax(x[bad], self.weight)
