@@ -107,6 +107,13 @@ def test_exact_resume_and_determinism_with_workers(demo):
     tail = run(in_process)
     in_process.set_epoch(1)
     assert same_batches(run(in_process)[3:], tail)
+    # Iterating leaves the global torch RNG alone (the trainer's checkpoint restores it, and dropout draws from
+    # it): a DataLoader iterator without its own generator seeds its workers with a draw from it, which a resumed
+    # run makes once more than the uninterrupted one.
+    state = torch.get_rng_state()
+    loader.set_epoch(1, skip_batches=5)
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_one_rank_two_workers_streams_like_two_ranks_one_worker(demo):
@@ -327,3 +334,33 @@ def test_dialogue_samples_keep_the_first_turn_and_add_other_pairs_of_the_image(d
         assert [t for t in labels if t != IGNORE_INDEX] == answers  # answers and <eot>s, no prompt
         turns_per_sample.append(len(turns))
     assert sorted(set(turns_per_sample)) == [2, 3]  # 40 tokens hold two turns, and three short ones
+
+
+def test_an_image_that_does_not_decode_trains_nothing_and_a_cut_tar_is_named(demo, tmp_path, capfd):
+    """A .jpg member that is not an image (an img2dataset download that got an error page) keeps its place in
+    its batch, so every rank's batches stay as planned, as padding whose targets are all masked (no loss, no
+    gradient, not in validation), and the loader names it. A tar cut short is an error naming the shard."""
+    cfg = cfg_with()
+    pattern = repack(demo, tmp_path / "bad", [6, 6])
+    part = tmp_path / "bad" / "part-00000.tar"
+    with tarfile.open(part) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = sorted({name.split(".")[0] for name, _ in members})[2]
+    with TarWriter(part) as w:
+        for name, data in members:
+            w.add(name, b"<html>404 Not Found</html>" if name == f"{victim}.jpg" else data)
+    loader = build_loader(cfg, pattern, rank=0, world_size=1, micro_batch=3, train=True, num_workers=0)
+    batches = run(loader)
+    assert len(batches) == loader.batches_per_epoch == 4
+    [(b, row)] = [(b, row) for b in batches for row, key in enumerate(b["keys"]) if key == victim]
+    assert b["is_pad"][row] and (b["targets"][row] == IGNORE_INDEX).all() and (b["images"][row] == 0).all()
+    assert [bad[0] for bad in b["bad"]] == [victim] and "UnidentifiedImageError" in b["bad"][0][2]
+    others = [r for r in range(len(b["keys"])) if r != row]
+    assert all((b["targets"][r] != IGNORE_INDEX).any() for r in others)  # only that sample is masked
+    assert loader.stats["bad_images"] == 1
+    err = capfd.readouterr().err
+    assert f"sample '{victim}' in {part}: its image does not decode (UnidentifiedImageError" in err and "BytesIO" not in err
+    cut = tmp_path / "bad" / "part-00001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(ShardMismatchError, match=r"part-00001.tar is damaged after \d+ usable samples .*rerun shard-coco"):
+        run(loader)

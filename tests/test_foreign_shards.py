@@ -157,3 +157,38 @@ def test_train_two_ranks_on_img2dataset_shards(foreign, tmp_path):
     assert "4 sample(s) without an image or a caption skipped" in results[0].stdout
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
+
+
+def test_the_scan_refuses_what_the_loader_could_not_use(tmp_path):
+    """The scan and the loader share one rule (sample_problem): a .json whose captions are not a list of strings
+    (a loader would train on single characters) or whose Q&A pairs lack a question, and a .txt caption that is
+    not UTF-8 (the loader would crash mid-epoch), are counted as skipped, with their reason; a tar holding a
+    member twice (webdataset's grouping raises on it mid-epoch) is refused when scanned, naming the member."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, "JPEG")
+    jpg = buf.getvalue()
+    samples = {"0000": {"json": json.dumps({"captions": "a red square"}).encode()},
+               "0001": {"json": json.dumps({"captions": ["a red square", ""]}).encode()},
+               "0002": {"json": json.dumps({"qa": [{"answer": "red"}]}).encode()},
+               "0003": {"txt": "caf\xe9 au lait".encode("latin-1")},
+               "0004": {"txt": "café au lait".encode()},
+               "0005": {"json": json.dumps({"captions": ["a red square"], "qa": [{"question": "what?", "answer": "red"}]}).encode()}}
+    good = tmp_path / "good"
+    good.mkdir()
+    with tarfile.open(good / "00000.tar", "w") as tar:
+        for key, members in samples.items():
+            _member(tar, f"{key}.jpg", jpg)
+            for ext, data in members.items():
+                _member(tar, f"{key}.{ext}", data)
+    index = index_directory(good)
+    assert index["totals"] == {"samples": 2, "skipped": 4, "skipped_by_reason": {"bad_caption": 1, "bad_json": 3}}
+    cfg = load_config("tiny", ["data.shuffle_buffer=0", "data.qa_fraction=0"])
+    batch = next(iter(build_loader(cfg, str(good), rank=0, world_size=1, micro_batch=2, train=False, num_workers=0)))
+    assert sorted(batch["keys"]) == ["0004", "0005"] and ["café au lait"] in batch["references"]
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    with tarfile.open(twice / "00000.tar", "w") as tar:
+        for name, data in [("0000.jpg", jpg), ("0000.txt", b"a red square"), ("0000.txt", b"again")]:
+            _member(tar, name, data)
+    with pytest.raises(ValueError, match=r"00000.tar holds 0000.txt twice"):
+        index_directory(twice)

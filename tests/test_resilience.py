@@ -186,3 +186,12 @@ def test_nonfinite_steps_in_a_row_stop_the_run(shards, tmp_path):
     assert "first layer whose gradient went non-finite: vision" in text
     assert f"Last good checkpoint: {run / 'checkpoints' / 'step4'} (step 4)" in text
     assert "Traceback" not in text
+
+    # The count is part of the checkpoint: stopped after step 4 (steps 3 and 4 skipped), the resumed run stops at
+    # step 5 as well.
+    again = tmp_path / "again"
+    run_ranks(common(shards, again, "--set", "log.log_every=4", "--stop-after", "4"), 2, VLM_DIST_INJECT_NAN="3:0,4:0")
+    out = run_ranks(common(shards, again, "--set", "log.log_every=4", "--resume", "auto"), 2, expect=2,
+                    VLM_DIST_INJECT_NAN="5:0")
+    text = "".join(r.stdout for r in out)
+    assert text.count("error: 3 step(s) in a row up to step 5 had non-finite gradients") == 1, text[-3000:]

@@ -213,7 +213,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     train_shards: str | None = Field(
-        None, description="Training shards: a brace pattern such as 'data/shards/train-{00000..00009}.tar' or a directory."
+        None, description="Training shards: a brace pattern such as 'data/shards/train-{00000..00009}.tar', a shard-coco "
+        "directory, or a folder of webdataset tars (img2dataset; scanned at start-up without a manifest.json)."
     )
     val_shards: str | None = Field(None, description="Validation shards (same forms as train_shards).")
     max_text_len: int = Field(
@@ -375,7 +376,11 @@ def apply_override(tree: dict, assignment: str) -> dict:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({' '.join(str(err).split())}); "
+                          f"quote a string, write a list as [1, 2]") from None
     return tree
 
 
@@ -411,7 +416,10 @@ def load_config(source: str | Path | None = "tiny", overrides: list[str] | tuple
                 raise ConfigError(
                     f"config {source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML/JSON file"
                 )
-            loaded = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
             preset = loaded.pop("preset", None)

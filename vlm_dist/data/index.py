@@ -5,8 +5,8 @@
     from vlm_dist.data.index import index_directory
     index = index_directory(Path("data/cc3m"))      # what the loader does in memory when there is none
 
-A sample is usable when it has a `.jpg` and a caption: a non-empty `.txt`, or a `.json` with
-`captions` / `qa` (shard-coco's layout). `sample_problem` is the one rule: the scan counts with it and
+A sample is usable when it has a `.jpg` and a caption: a `.json` with `captions` (non-empty strings) /
+`qa` ({question, answer} pairs) (shard-coco's layout), or a non-empty UTF-8 `.txt`. `sample_problem` is the one rule: the scan counts with it and
 the loader drops the same samples before cutting its epochs, so the counts every rank sizes its epoch
 from are the samples it will actually read. Skipped samples are counted by reason and reported.
 
@@ -26,7 +26,7 @@ from webdataset.tariterators import base_plus_ext
 from vlm_dist.data.samples import IMAGE_MEMBERS, wanted_member
 
 INDEX_FORMAT = "vlm-dist/indexed-shards/1"
-REASONS = ("missing_image", "missing_caption", "bad_json")
+REASONS = ("missing_image", "missing_caption", "bad_json", "bad_caption")
 
 
 def sample_problem(raw: dict) -> str | None:
@@ -39,14 +39,28 @@ def sample_problem(raw: dict) -> str | None:
             meta = json.loads(raw["json"])
         except (ValueError, UnicodeDecodeError):
             return "bad_json"
-        if not isinstance(meta, dict):
+        if not isinstance(meta, dict) or not _fields_ok(meta):
             return "bad_json"
-    txt = raw.get("txt")
-    if txt is not None and txt.decode("utf-8", "replace").strip():
-        return None
     if meta and (meta.get("captions") or meta.get("qa")):
         return None
+    txt = raw.get("txt")  # img2dataset: the caption (used only when the .json has none)
+    if txt is not None:
+        try:
+            if txt.decode("utf-8").strip():
+                return None
+        except UnicodeDecodeError:
+            return "bad_caption"
     return "missing_caption"
+
+
+def _fields_ok(meta: dict) -> bool:
+    """`captions`: a list of non-empty strings; `qa`: a list of {question, answer} strings (when present)."""
+    captions, qa = meta.get("captions"), meta.get("qa")
+    if captions is not None and not (isinstance(captions, list)
+                                     and all(isinstance(c, str) and c.strip() for c in captions)):
+        return False
+    return qa is None or isinstance(qa, list) and all(
+        isinstance(p, dict) and isinstance(p.get("question"), str) and isinstance(p.get("answer"), str) for p in qa)
 
 
 def _samples(path: Path):
@@ -64,6 +78,9 @@ def _samples(path: Path):
                 if current is not None:
                     yield current
                 current = {"__key__": key}
+            elif ext in current:  # webdataset's grouping raises on it mid-epoch: refuse the shard now
+                raise ValueError(f"{path} holds {info.name} twice (webdataset cannot read such a tar): write the "
+                                 f"shard again, or remove it")
             current[ext] = b"" if ext in IMAGE_MEMBERS else tar.extractfile(info).read()
         if current is not None:
             yield current

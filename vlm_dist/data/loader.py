@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import copy
 import signal
+import sys
+import tarfile
 from itertools import islice
 
 import torch
@@ -62,10 +64,15 @@ def _range_samples(segments, select_files=wanted_member):
         # Indices count usable samples only (image + caption), as the manifest / scan counted them.
         src = (raw for raw in src if sample_problem(raw) is None)
         got = 0
-        for sample in islice(src, seg.start, seg.start + seg.count):
-            sample["__pad__"] = seg.pad
-            got += 1
-            yield sample
+        try:
+            for sample in islice(src, seg.start, seg.start + seg.count):
+                sample["__pad__"] = seg.pad
+                got += 1
+                yield sample
+        except (tarfile.TarError, OSError) as err:  # truncated or overwritten: tarfile's message names no fix
+            raise ShardMismatchError(
+                f"{seg.url} is damaged after {seg.start + got} usable samples ({type(err).__name__}: {err}): write it "
+                f"again (rerun shard-coco on its directory) or remove it and rerun `vlm-dist index-shards`") from err
         if got != seg.count:
             raise ShardMismatchError(
                 f"{seg.url} ended after {seg.start + got} samples but its manifest promises at least "
@@ -183,10 +190,15 @@ class StreamingLoader:
         if self.num_workers == 0:
             it = iter(ds)
         else:
-            # Pinned batches (on a GPU host) let the trainer's non_blocking copies overlap the step.
+            # Pinned batches (on a GPU host) let the trainer's non_blocking copies overlap the step. The generator:
+            # without one, each new iterator seeds its workers from the global torch RNG, one draw that a resumed
+            # run (its RNG restored, then a new iterator) makes once more than the uninterrupted run, shifting
+            # every later dropout mask. The workers seed their own RNGs (seed, epoch, slot) anyway.
+            base = torch.Generator().manual_seed(((ds.seed * 1_000_003) + ds.epoch) * 10_007 + ds.rank)
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                 persistent_workers=False, prefetch_factor=2, pin_memory=torch.cuda.is_available()))
-        self.stats.update(epoch=ds.epoch, batches=0, samples=0, pad_samples=0, truncated=0, qa=0)
+                                 persistent_workers=False, prefetch_factor=2, pin_memory=torch.cuda.is_available(),
+                                 generator=base))
+        self.stats.update(epoch=ds.epoch, batches=0, samples=0, pad_samples=0, truncated=0, qa=0, bad_images=0)
         for batch in it:
             st = self.stats
             st["batches"] += 1
@@ -194,6 +206,11 @@ class StreamingLoader:
             st["pad_samples"] += int(batch["is_pad"].sum())
             st["truncated"] += int(batch["truncated"].sum())
             st["qa"] += batch["kinds"].count("qa")
+            for key, url, why in batch["bad"]:
+                st["bad_images"] += 1
+                print(f"warning: rank {ds.rank}: sample {key!r} in {url}: its image does not decode ({why}); it "
+                      f"trains nothing (its targets are masked) and stays in its batch as padding "
+                      f"({st['bad_images']} such this epoch on this rank)", file=sys.stderr, flush=True)
             yield batch
         if expected is not None and self.stats["batches"] != expected:
             raise RuntimeError(f"rank {ds.rank} yielded {self.stats['batches']} batches, planned {expected}: "

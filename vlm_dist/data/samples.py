@@ -24,7 +24,7 @@ from vlm_dist.data.epochs import rng_for
 from vlm_dist.data.features import EXT as FEATURES
 from vlm_dist.data.features import decode as decode_features
 from vlm_dist.data.images import model_pixels
-from vlm_dist.text import Example, add_turns, build_example, collate_examples, get_tokenizer, make_targets
+from vlm_dist.text import IGNORE_INDEX, Example, add_turns, build_example, collate_examples, get_tokenizer, make_targets
 
 IMAGE_MEMBERS = ("jpg", FEATURES)  # a sample's image: a JPEG, or the frozen tower's tokens (feature shards)
 WANTED = frozenset({*IMAGE_MEMBERS, "json", "txt"})
@@ -132,12 +132,20 @@ class SamplePreparer:
         example, question = self._example(target, question, captions, rng, [(p["question"], p["answer"]) for p in more])
         if question is None and kind == "qa":  # the question did not fit: fell back to a caption
             kind, refs = "caption", captions
+        bad = None
         if FEATURES in raw:  # (P, W) tokens of the frozen tower, in the dtype they were stored in
             image = decode_features(raw[FEATURES], key, url, self.feature_shape)
         else:
-            image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
+            try:
+                image = self.to_tensor.pixels(raw["jpg"])  # (3, H, W) uint8: collate normalises the batch at once
+            except Exception as err:  # PIL raises many types for a bad image: this sample trains nothing (below)
+                image = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
+                bad = f"{type(err).__name__}: {err}".replace("<_io.BytesIO object", "<the .jpg member")
+        # A sample whose image does not decode keeps its place (every rank's batches stay as planned) as padding
+        # whose targets collate masks: no loss, no gradient, not in validation; the loader reports it.
         return {"image": image, "example": example, "key": key, "image_id": int(meta.get("image_id", -1)),
-                "kind": kind, "question": question, "references": refs, "is_pad": bool(raw.get("__pad__", False))}
+                "kind": kind, "question": question, "references": refs, "url": url, "bad": bad,
+                "is_pad": bool(raw.get("__pad__", False)) or bad is not None}
 
     def _example(self, target: str, question: str | None, captions: list[str], rng,
                  more: list[tuple[str, str]]) -> tuple[Example, str | None]:
@@ -186,6 +194,9 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
     tokens = F.pad(tokens, (0, extra), value=prep.tok.pad_id)  # (B, max_len)
     mask = F.pad(mask, (0, extra), value=False)
     input_ids, targets = make_targets(tokens, mask, prep.n_future)
+    bad = [i for i, s in enumerate(samples) if s.get("bad")]
+    if bad:
+        targets[bad] = IGNORE_INDEX  # an image that did not decode: the sample trains nothing
     return {
         "images": _stack(samples, get_worker_info() is not None),  # (B, 3, H, W) uint8, or tokens (B, P, W)
         "input_ids": input_ids,  # (B, T) long, T = max_text_len - 1
@@ -197,6 +208,7 @@ def collate(samples: list[dict], prep: SamplePreparer) -> dict:
         "references": [s["references"] for s in samples],
         "is_pad": torch.tensor([s["is_pad"] for s in samples], dtype=torch.bool),  # (B,)
         "truncated": torch.tensor([s["example"].truncated for s in samples], dtype=torch.bool),  # (B,)
+        "bad": [(samples[i]["key"], samples[i]["url"], samples[i]["bad"]) for i in bad],  # undecodable images
     }
 
 

@@ -55,6 +55,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     best_val: float = float("inf")
     skipped_steps: int = 0   # steps whose update was skipped (non-finite gradients), over the run
+    skipped_in_a_row: int = 0  # ... the latest of them in a row: a resume continues the count toward the stop
 
 
 def _rng_state() -> dict[str, Any]:

@@ -23,7 +23,9 @@ def load_ds_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     machine (or for `hardware`, see resolve_precision); ds["_precision"] says what was chosen and why."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} not found; pick one of ds_configs/*.json")
+        raise ConfigError(f"DeepSpeed config {path} not found; pick one of ds_configs/*.json"
+                          + ("" if path.is_absolute() else f" (a relative --ds is read from the current directory, "
+                             f"{Path.cwd()}: run from the repository root, or pass its full path)"))
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -31,8 +33,27 @@ def load_ds_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     for assignment in overrides:
         apply_override(ds, assignment)
     ds["_source"] = str(path)
+    check_zero_section(ds)
     resolve_precision(ds, hardware)
     return ds
+
+
+def check_zero_section(ds: dict[str, Any]) -> None:
+    """The zero_optimization section through DeepSpeed's own schema now, so a misspelt key or a stage that does not
+    exist is one message naming it, not a traceback from deepspeed.initialize after the model is built."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{ds['_source']}: zero_optimization must be a mapping, not {zero!r}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as err:
+        problems = "; ".join(f"zero_optimization.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             + (" (unknown key: check its spelling)" if e["type"] == "extra_forbidden" else "")
+                             for e in err.errors())
+        raise ConfigError(f"{ds['_source']}: {problems}") from None
 
 
 def batch_geometry(ds: dict[str, Any], world_size: int) -> tuple[int, int, int]:

@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ds-set", dest="ds_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DeepSpeed JSON field, e.g. --ds-set zero_optimization.stage=3 (repeatable)")
     p.add_argument("--run-dir", default="runs/default", help="holds checkpoints/, tb/, metrics.jsonl, config [runs/default]")
-    p.add_argument("--train-shards", help="training shards: a shard-coco output dir or a brace pattern of tars")
+    p.add_argument("--train-shards", help="training shards: a shard-coco output dir, a folder of webdataset tars "
+                   "(img2dataset), or a brace pattern of tars")
     p.add_argument("--val-shards", help="validation shards (same forms)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to run (default: train.epochs worth)")
     p.add_argument("--eval-every", type=int, help="validate every N steps")
@@ -39,11 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--elastic", action="store_true",
                    help="resume a checkpoint made on another number of ranks: converts it to DeepSpeed's universal format "
                    "and keeps the data streams and global batch, so training continues exactly (see vlm_dist/train/resume.py)")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=_positive, default=None, metavar="N",
                    help="end this session after N optimizer steps without changing the LR schedule (for time-limited "
                    "jobs); a later run with --resume auto continues")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of steps")
+    return value
 
 
 def build_run_config(args: argparse.Namespace):

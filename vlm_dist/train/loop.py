@@ -96,7 +96,7 @@ def losses_due(run: Run, step: int) -> bool:
     The same on every rank (the losses are all-reduced)."""
     cfg = run.cfg
     return (step % cfg.log.log_every == 0 or step == run.total_steps or cfg.train.on_nonfinite == "stop"
-            or run.skipped_in_a_row + 1 >= cfg.train.max_skipped_in_a_row or run.engine.zero_stage == 0)
+            or run.state.skipped_in_a_row + 1 >= cfg.train.max_skipped_in_a_row or run.engine.zero_stage == 0)
 
 
 def reduce_losses(run: Run, head_losses: torch.Tensor, host: list[float] = ()) -> tuple[torch.Tensor, float, torch.Tensor]:
@@ -136,7 +136,7 @@ def train_step(run: Run, batches) -> dict[str, float]:
         run.grads.before_step(state.step + 1, run.log, engine.loss_scale())
         bad_layer = None
         if read_losses and not math.isfinite(loss) and (run.cfg.train.on_nonfinite == "stop" or
-                                                        run.skipped_in_a_row + 1 >= run.cfg.train.max_skipped_in_a_row):
+                                                        run.state.skipped_in_a_row + 1 >= run.cfg.train.max_skipped_in_a_row):
             bad_layer = run.grads.first_nonfinite_layer(engine.loss_scale()) or "none (the loss itself)"
     with run.timer("optimizer"):
         applied = engine.step()
@@ -146,7 +146,7 @@ def train_step(run: Run, batches) -> dict[str, float]:
     state.batch_in_epoch += run.accum
     if run.cfg.log.sample_keys:
         write_sample_keys(run, micro)
-    run.skipped_in_a_row = 0 if applied else run.skipped_in_a_row + 1
+    run.state.skipped_in_a_row = 0 if applied else run.state.skipped_in_a_row + 1
     state.skipped_steps += not applied
     if not applied and heads is None:  # every rank skipped it: all read the losses, for the warning and the log
         heads, loss, _ = reduce_losses(run, head_losses)
@@ -177,12 +177,12 @@ def on_skipped_step(run: Run, loss: float, bad_layer: str | None) -> None:
     cfg, step = run.cfg.train, run.state.step
     if run.info.is_main:
         run.log.warn(f"step {step}: non-finite gradients (loss {loss}); the update was skipped "
-                     f"({run.skipped_in_a_row} in a row, {run.state.skipped_steps} in the run)")
-    if cfg.on_nonfinite == "stop" or run.skipped_in_a_row >= cfg.max_skipped_in_a_row:
+                     f"({run.state.skipped_in_a_row} in a row, {run.state.skipped_steps} in the run)")
+    if cfg.on_nonfinite == "stop" or run.state.skipped_in_a_row >= cfg.max_skipped_in_a_row:
         tags = ckpt.published_tags(run.ckpt_dir)
         last = f"{run.ckpt_dir / tags[-1][1]} (step {tags[-1][0]})" if tags else "none yet"
         raise NonFiniteStop(
-            f"{run.skipped_in_a_row} step(s) in a row up to step {step} had non-finite gradients; the first layer "
+            f"{run.state.skipped_in_a_row} step(s) in a row up to step {step} had non-finite gradients; the first layer "
             f"whose gradient went non-finite: {bad_layer or 'unknown (the loss was finite: the gradient overflowed)'}. "
             f"Last good checkpoint: {last}. Lower the learning rate or check the data, then resume; "
             f"train.max_skipped_in_a_row={cfg.max_skipped_in_a_row}, train.on_nonfinite={cfg.on_nonfinite}")
@@ -321,6 +321,9 @@ def train(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> dict:
     try:
         while run.state.step < run.stop_at:
             run_epoch(run)
+        if run.state.step < run.total_steps:  # --stop-after: a signal stop raises Preempted instead
+            run.log.info(f"session done at step {run.state.step} of {run.total_steps} (--stop-after), its checkpoint "
+                         f"saved: the same command again (--resume auto) continues")
     finally:
         run.stop.close()
         run.log.close()

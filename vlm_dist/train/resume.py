@@ -19,29 +19,44 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 from vlm_dist.config import RunConfig
 from vlm_dist.data.manifest import Shard
 from vlm_dist.train.checkpoint import CheckpointError
+from vlm_dist.train.dsconfig import precision
 
 # Shape keys that the elastic path may change (together, under its rules); any other difference refuses.
 ELASTIC_KEYS = ("world_size", "accumulation", "streams_per_rank")
+OPTIMIZER_KEY = "optimization"  # DeepSpeed's optimizer, scheduler and clipping: may change, each change listed
+# run config fields whose change alters the rest of the run's training, though the checkpoint continues
+REPLANS = {"train.max_steps": "the learning-rate schedule is re-planned over the new length from this step",
+           "train.epochs": "the learning-rate schedule is re-planned over the new length from this step"}
 
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_shape(cfg: RunConfig, micro: int, accum: int, world: int, shards: list[Shard], zero_stage: int) -> dict:
+def run_shape(cfg: RunConfig, micro: int, accum: int, world: int, shards: list[Shard], zero_stage: int,
+              ds: dict | None = None) -> dict:
+    """The run's shape; with `ds` (the resolved DeepSpeed config) also its precision (part of the shape: a
+    checkpoint's optimizer states exist in one precision) and its optimizer, scheduler and clipping
+    (`OPTIMIZER_KEY`: a change is allowed and listed). Checkpoints from before these were recorded lack them."""
     data = cfg.data.model_dump(mode="json", exclude={"train_shards", "val_shards", "num_workers"})
-    return {
+    shape = {
         "world_size": world, "micro_batch": micro, "accumulation": accum,
         "streams_per_rank": max(1, cfg.data.num_workers), "seed": cfg.train.seed, "zero_stage": zero_stage,
         "shards": {"count": len(shards), "samples": sum(s.samples for s in shards),
                    "digest": _digest([[s.url.rsplit("/", 1)[-1], s.samples] for s in shards])},
         "data": data, "model": cfg.model.model_dump(mode="json", exclude={"compile"}),  # compile: how, not what
     }
+    if ds is not None:
+        shape["precision"] = precision(ds)
+        # a copy: the trainer fills the scheduler's "auto" lengths in `ds` later
+        shape[OPTIMIZER_KEY] = json.loads(json.dumps({k: ds.get(k) for k in ("optimizer", "scheduler", "gradient_clipping")}))
+    return shape
 
 
 @dataclass(frozen=True)
@@ -68,15 +83,28 @@ def _diff(saved, now, prefix=""):
 def check(saved: dict, now: dict, saved_config: dict, config: dict, batch_in_epoch: int,
           elastic: bool) -> tuple[Elastic | None, list[str]]:
     """Refuse a resume that would not continue exactly; returns (elastic plan or None, notes to log)."""
-    diffs = list(_diff(saved, now))
+    # keys a checkpoint from before they were recorded lacks are not compared
+    diffs = [d for d in _diff(saved, {k: v for k, v in now.items() if k in saved}) if not d[0].startswith(OPTIMIZER_KEY)]
+    if any(k == "precision" for k, _, _ in diffs):
+        raise CheckpointError(
+            f"the checkpoint trained in {saved['precision']} and this run would train in {now['precision']}: its "
+            f"optimizer states exist in {saved['precision']} only. Continue it with --ds-set "
+            f"bf16.enabled={'true' if saved['precision'] == 'bf16' else 'false'}"
+            + (" --ds-set fp16.enabled=true" if saved["precision"] == "fp16" else "")
+            + " (bf16.enabled=\"auto\" picks from the hardware, so a move to other hardware can change it), or "
+            f"start afresh with --resume none or a new --run-dir")
     hard = [d for d in diffs if d[0] not in ELASTIC_KEYS]
     if hard:
         lines = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in hard[:6])
         raise CheckpointError(
             f"the checkpoint was made by a run of another shape ({lines}): resuming would not continue the same "
             f"training. Restore those settings, or start afresh with --resume none or a new --run-dir")
-    notes = [f"changed since the checkpoint (harmless): {k}: {a!r} -> {b!r}"
+    notes = [f"changed since the checkpoint ({REPLANS.get(k, 'harmless')}): {k}: {a!r} -> {b!r}"
              for k, a, b in _diff(_soft(saved_config), _soft(config))]
+    if OPTIMIZER_KEY in saved:
+        notes += [f"changed since the checkpoint (the optimizer goes on with the new value from this step): "
+                  f"{k.removeprefix(OPTIMIZER_KEY + '.')}: {a!r} -> {b!r}"
+                  for k, a, b in _diff(saved[OPTIMIZER_KEY], now.get(OPTIMIZER_KEY), OPTIMIZER_KEY)]
     if not diffs:
         return None, notes
     if not elastic:
@@ -109,6 +137,32 @@ def plan_elastic(saved: dict, now: dict, batch_in_epoch: int) -> Elastic:
     if batch_in_epoch % saved["streams_per_rank"]:
         raise CheckpointError(f"--elastic: the checkpoint stopped at micro-batch {batch_in_epoch}, not at a multiple "
                               f"of its {saved['streams_per_rank']} streams per rank; resume it on its own world first")
+    if not same_steps(old_world, saved["streams_per_rank"], saved["accumulation"], new_world):
+        ok = [w for w in range(1, slots + 1) if slots % w == 0 and global_micro % w == 0
+              and same_steps(old_world, saved["streams_per_rank"], saved["accumulation"], w)]
+        raise CheckpointError(
+            f"--elastic: on {new_world} rank(s) each optimizer step would take other samples than the uninterrupted "
+            f"run's (its {old_world} rank(s) x {saved['streams_per_rank']} streams x accumulation "
+            f"{saved['accumulation']} group the streams' batches into steps differently): it would not continue exactly. "
+            f"World sizes that can: {ok}")
     streams = slots // new_world
     per_slot = batch_in_epoch // saved["streams_per_rank"]
     return Elastic(streams_per_rank=streams, accumulation=global_micro // new_world, batch_in_epoch=per_slot * streams)
+
+
+def step_groups(world: int, streams: int, accum: int, steps: int) -> list[frozenset]:
+    """Which (slot, batch of that slot) each of the first `steps` optimizer steps of an epoch trains on, over
+    all ranks: rank r's micro-batch b comes from its stream b % streams (slot r x streams + b % streams), the
+    (b // streams)-th batch of that stream, and a step takes `accum` micro-batches of every rank."""
+    return [frozenset((r * streams + b % streams, b // streams) for r in range(world)
+                      for b in range(k * accum, (k + 1) * accum)) for k in range(steps)]
+
+
+def same_steps(old_world: int, streams: int, accum: int, new_world: int) -> bool:
+    """Whether `new_world` ranks (the same slots and global batch, split evenly) group the slots' batches into
+    the same optimizer steps as the old layout. Both patterns repeat, so one common period decides; a resume
+    starts at a whole round of each rank's streams, where both patterns start a period."""
+    slots, global_micro = old_world * streams, old_world * accum
+    n_streams, n_accum = slots // new_world, global_micro // new_world
+    steps = math.lcm(math.lcm(streams, accum) // accum, math.lcm(n_streams, n_accum) // n_accum)
+    return step_groups(old_world, streams, accum, steps) == step_groups(new_world, n_streams, n_accum, steps)

@@ -68,7 +68,6 @@ class Run:
     grads: GradObserver  # per-layer gradient statistics and histograms (collectives on every rank)
     peak_flops: float | None  # the device's bf16 peak, for MFU (None on the CPU)
     samples_dir: Path | None = None  # log.sample_keys: RUN/samples/rank{R}.jsonl
-    skipped_in_a_row: int = 0
     poison: set[int] = field(default_factory=set)  # test hook: steps whose first micro-batch gets NaN images
 
 
@@ -170,7 +169,7 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
         compile_note = ("model.compile=true is not used under ZeRO-3 (its parameter-gathering hooks cannot be "
                         "compiled): the model runs eager. Use ZeRO-1/2 to compile it")
     shards = resolve_shards(cfg.data.train_shards)  # once: without a manifest this scans the tars
-    shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage)
+    shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage, ds)
     elastic, universal_tag = None, None
     if where is not None:
         elastic = _check_resume(where, shape, cfg, opts, quiet)
@@ -182,7 +181,7 @@ def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
             ds.pop("train_batch_size", None)
             ds.setdefault("checkpoint", {})["load_universal"] = True
             micro, accum, global_batch = batch_geometry(ds, info.world_size)
-            shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage)
+            shape = resume.run_shape(cfg, micro, accum, info.world_size, shards, stage, ds)
             universal_tag = _universal_copy(where, info)
 
     train_loader = build_loader(cfg, shards, rank=info.rank, world_size=info.world_size,
