@@ -46,10 +46,15 @@ def test_export_errors_name_the_problem(tmp_path):
         export(tmp_path / "ckpt", tmp_path / "out")
     with pytest.raises(ExportError, match="no checkpoint tag 'best'"):
         export(tmp_path / "ckpt", tmp_path / "out", tag="best")
+    (tmp_path / "ckpt" / "step1").mkdir()  # a save cut short: its checkpoint.json lists a file that is not there
+    (tmp_path / "ckpt" / "step1" / "checkpoint.json").write_text(json.dumps(
+        {"tag": "step1", "state": {}, "shape": {}, "world_size": 1, "files": {"mp_rank_00_model_states.pt": 5}}))
+    with pytest.raises(ExportError, match=r"step1 is not a complete checkpoint: mp_rank_00_model_states.pt is missing"):
+        export(tmp_path / "ckpt", tmp_path / "out", tag="step1")
 
 
 def test_load_rejects_non_export_directories(tmp_path):
-    with pytest.raises(ExportError, match="is not a directory"):
+    with pytest.raises(ExportError, match="missing does not exist"):
         load_exported(tmp_path / "missing")
     with pytest.raises(ExportError, match="is not a vlm-dist export"):
         load_exported(tmp_path)
@@ -57,6 +62,39 @@ def test_load_rejects_non_export_directories(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ExportError, match="format 'something-else'"):
         load_exported(tmp_path)
+
+
+def test_load_names_damaged_or_mismatched_export_files(tmp_path):
+    """Both files present but damaged, or from different exports: one ExportError naming the file, not a
+    JSONDecodeError, KeyError, SafetensorError or size-mismatch RuntimeError."""
+    import shutil
+
+    from vlm_dist.config import load_config
+    from vlm_dist.infer.export import save_export
+    from vlm_dist.model import VLM
+
+    good = tmp_path / "good"
+    save_export(VLM(load_config("tiny").model).eval(), good)
+    meta = json.loads((good / "config.json").read_text())
+
+    def damaged(name, config=None, weights=None):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if config is not None:
+            (d / "config.json").write_text(config)
+        if weights is not None:
+            (d / "model.safetensors").write_bytes(weights)
+        return d
+
+    size = (good / "model.safetensors").stat().st_size
+    cases = {"not valid JSON": damaged("json", config="{"),
+             "has no \"model\" section": damaged("nomodel", config=json.dumps({k: v for k, v in meta.items() if k != "model"})),
+             "cannot be read": damaged("cut", weights=(good / "model.safetensors").read_bytes()[: size // 2]),
+             "does not hold the weights its config.json describes": damaged("other", config=json.dumps(
+                 {**meta, "model": {**meta["model"], "d_model": 2 * meta["model"]["d_model"]}}))}
+    for message, folder in cases.items():
+        with pytest.raises(ExportError, match=message):
+            load_exported(folder)
 
 
 def test_export_directory_loads_without_deepspeed(tmp_path):

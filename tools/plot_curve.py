@@ -24,6 +24,8 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise SystemExit(f"{path}:{n}: not a JSON line ({err}); is this a vlm-dist metrics.jsonl?") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise SystemExit(f"{path}:{n}: a record without an integer \"step\"; is this a vlm-dist metrics.jsonl?")
         by_split.setdefault(rec.get("split", "train"), {})[rec["step"]] = rec
     return {s: [recs[k] for k in sorted(recs)] for s, recs in by_split.items()}
 

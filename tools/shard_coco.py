@@ -6,7 +6,10 @@
 
 import sys
 
+import typer
+
 from vlm_dist.cli import app
 
 if __name__ == "__main__":
-    app(["shard-coco", *sys.argv[1:]], prog_name="shard_coco.py")
+    # the subcommand itself, so that --help's usage line is this script's (`shard_coco.py [OPTIONS]`)
+    typer.main.get_command(app).commands["shard-coco"](sys.argv[1:], prog_name="shard_coco.py")

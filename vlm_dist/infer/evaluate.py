@@ -12,8 +12,10 @@ training loader's one-per-image choice); like the loader, only .jpg/.safetensors
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -52,18 +54,49 @@ def iter_shard_samples(shards: str, limit: int | None = None, vision=None) -> It
     member = EXT if record is not None else "jpg"  # what every sample must hold
     n = 0
     for shard in found:
-        for raw in wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member):
+        samples = wds.tarfile_samples([{"url": shard.url}], select_files=wanted_member)
+        while True:
             if limit is not None and n >= limit:
                 return
+            try:
+                raw = next(samples, None)
+            except (tarfile.TarError, OSError) as err:  # cut short or overwritten
+                raise EvalDataError(f"{shard.url} is damaged after {n} samples ({type(err).__name__}: {err}): write it "
+                                    f"again with `vlm-dist shard-coco`") from err
+            if raw is None:
+                break
             if "json" not in raw or member not in raw:
                 raise EvalDataError(
                     f"sample {raw['__key__']} of {shard.url} has no {'.json' if 'json' not in raw else '.' + member}: "
                     f"evaluation needs each image's image_id, captions and Q&A, as `vlm-dist shard-coco` writes them "
                     f"(img2dataset shards train, but cannot be scored), and the image its manifest promises (.jpg, "
                     f"or with a features record .{EXT})")
+            try:
+                meta = json.loads(raw["json"])
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise EvalDataError(f"sample {raw['__key__']} of {shard.url}: its .json is not valid JSON ({err}): "
+                                    f"write the shard again with `vlm-dist shard-coco`") from err
             image = decode(raw[EXT], raw["__key__"], shard.url) if member == EXT else raw["jpg"]
-            yield raw["__key__"], image, json.loads(raw["json"])
+            yield raw["__key__"], image, meta
             n += 1
+
+
+def _pixels(task: dict, to_tensor) -> torch.Tensor:
+    """A task's model input: its tower tokens as they are, or its JPEG decoded."""
+    if isinstance(task["image"], torch.Tensor):
+        return task["image"]
+    try:
+        return to_tensor(task["image"])
+    except Exception as err:  # PIL raises many types for a bad image
+        raise _bad_image(task["key"], err) from err
+
+
+def _bad_image(key: str, err: Exception) -> EvalDataError:
+    """An image that does not decode is an error naming it: a score over the images that did would not be the
+    shards' score."""
+    why = f"{type(err).__name__}: {err}".replace("<_io.BytesIO object", "<the .jpg member")
+    return EvalDataError(f"sample {key!r}: its image does not decode ({why}); evaluation scores every image: "
+                         f"write the shard again with `vlm-dist shard-coco`, which checks each image")
 
 
 def question_type(qa: dict) -> str:
@@ -72,8 +105,15 @@ def question_type(qa: dict) -> str:
 
 
 def _tasks(shards: str, limit: int | None, vision) -> list[dict]:
+    from PIL import Image
+
     tasks = []
     for key, image, meta in iter_shard_samples(shards, limit, vision):
+        if not isinstance(image, torch.Tensor):
+            try:  # the header only (~20 us): an image that is none fails here, before any decoding
+                Image.open(io.BytesIO(image))
+            except Exception as err:  # PIL raises many types for a bad image
+                raise _bad_image(key, err) from err
         image_id = meta.get("image_id")
         if not isinstance(image_id, int) or isinstance(image_id, bool):
             raise EvalDataError(f"sample {key!r} in {shards} has no integer image_id ({image_id!r}); COCO scoring "
@@ -133,7 +173,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
     batches = list(_batches([t for t, _ in todo], [b for _, b in todo], batch_size))
     with decoding(model):  # once for all batches: a model in training rebuilds its caches once
         for chunk, budget in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-            images = torch.stack([t["image"] if isinstance(t["image"], torch.Tensor) else to_tensor(t["image"]) for t in chunk])
+            images = torch.stack([_pixels(t, to_tensor) for t in chunk])
             if speculative:
                 from vlm_dist.infer.speculative import speculative_generate_batch
 

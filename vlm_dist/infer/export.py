@@ -18,7 +18,7 @@ import torch
 from vlm_dist.config import ModelConfig
 from vlm_dist.infer.load import EXPORT_FORMAT, ExportError, build_model, load_exported
 from vlm_dist.text import get_tokenizer
-from vlm_dist.train.checkpoint import RUN_CONFIG_FILE
+from vlm_dist.train.checkpoint import RUN_CONFIG_FILE, incomplete_reason
 
 
 def resolve_tag(ckpt_dir: Path, tag: str) -> str:
@@ -32,6 +32,10 @@ def resolve_tag(ckpt_dir: Path, tag: str) -> str:
     if not (ckpt_dir / tag).is_dir():
         have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
         raise ExportError(f"no checkpoint tag {tag!r} in {ckpt_dir}; available: {', '.join(have) or 'none'}")
+    why = incomplete_reason(ckpt_dir / tag)  # the trainer's own check: every file its checkpoint.json lists, whole
+    if why is not None:
+        raise ExportError(f"{ckpt_dir / tag} is not a complete checkpoint: {why}; export another tag (--tag stepN, "
+                          f"best), or resume training, which finishes or sets aside an interrupted save")
     return tag
 
 

@@ -23,14 +23,19 @@ class ExportError(ValueError):
 def read_export_config(directory: str | Path) -> dict:
     d = Path(directory)
     if not d.is_dir():
-        raise ExportError(f"{d} is not a directory; pass the --out folder of `vlm-dist export`")
+        raise ExportError(f"{d} {'is not a directory' if d.exists() else 'does not exist'}; pass the --out folder "
+                          f"of `vlm-dist export`")
     path = d / "config.json"
     if not path.is_file() or not (d / "model.safetensors").is_file():
         raise ExportError(f"{d} is not a vlm-dist export (needs config.json and model.safetensors); "
                           f"create one with `vlm-dist export --ckpt RUN/checkpoints --out {d}`")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{path}: format {meta.get('format')!r} is not {EXPORT_FORMAT!r}")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path} is not valid JSON ({err}): export the checkpoint again") from err
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r} is not "
+                          f"{EXPORT_FORMAT!r}: export the checkpoint again")
     tok = get_tokenizer()
     if meta.get("tokenizer") != tok.name or meta.get("vocab_size") != tok.vocab_size:
         raise ExportError(f"{path}: exported with tokenizer {meta.get('tokenizer')} ({meta.get('vocab_size')} ids), "
@@ -49,12 +54,27 @@ def build_model(model_cfg: ModelConfig):
 def load_exported(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     from safetensors.torch import load_model
 
+    from pydantic import ValidationError
+    from safetensors import SafetensorError
+
     meta = read_export_config(directory)
+    weights = Path(directory) / "model.safetensors"
+    if not isinstance(meta.get("model"), dict):
+        raise ExportError(f"{Path(directory) / 'config.json'} has no \"model\" section: export the checkpoint again")
     meta["model"].setdefault("vision", {})["allow_random_frozen"] = True  # the export carries the tower's weights
     meta["model"]["vision"].setdefault("quick_gelu", False)  # exports older than the field never forced QuickGELU
     meta["model"]["compile"] = False  # a training setting: decoding runs eager, and a few images never repay compiling
-    cfg = ModelConfig.model_validate(meta["model"])
+    try:
+        cfg = ModelConfig.model_validate(meta["model"])
+    except ValidationError as err:
+        raise ExportError(f"{Path(directory) / 'config.json'}: its model section is not valid ({err})") from err
     model = build_model(cfg)
-    load_model(model, str(Path(directory) / "model.safetensors"), strict=True)  # re-ties shared weights
+    try:
+        load_model(model, str(weights), strict=True)  # re-ties shared weights
+    except (SafetensorError, OSError) as err:  # cut short or overwritten
+        raise ExportError(f"{weights} cannot be read ({err}): copy or export it again") from err
+    except RuntimeError as err:  # missing, unexpected or misshapen tensors (torch's message lists them)
+        raise ExportError(f"{weights} does not hold the weights its config.json describes: {str(err)[:600]} "
+                          f"(the two files come from different exports?): export the checkpoint again") from err
     model.to(device=device, dtype=dtype or model.lm_head.weight.dtype).eval()
     return model, cfg
