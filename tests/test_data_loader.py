@@ -114,6 +114,9 @@ def test_exact_resume_and_determinism_with_workers(demo):
     loader.set_epoch(1, skip_batches=5)
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), state)
+    big = build_loader(cfg_with("train.seed=2147483647"), demo["shards"], rank=1, world_size=2, micro_batch=4, train=True,
+                       num_workers=1)  # the iterator's generator seed is hashed to 63 bits: no overflow
+    assert len(next(iter(big))["keys"]) == 4
 
 
 def test_one_rank_two_workers_streams_like_two_ranks_one_worker(demo):

@@ -58,6 +58,9 @@ def test_load_rejects_non_export_directories(tmp_path):
         load_exported(tmp_path / "missing")
     with pytest.raises(ExportError, match="is not a vlm-dist export"):
         load_exported(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training run's folder
+    with pytest.raises(ExportError, match=r"is a training run, not an export: `vlm-dist export --ckpt .*run/checkpoints --out .*run/export`"):
+        load_exported(tmp_path / "run")
     (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ExportError, match="format 'something-else'"):

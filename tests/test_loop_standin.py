@@ -205,3 +205,32 @@ def test_keep_epochs_prunes_all_but_the_newest_epoch_checkpoints(one_rank, tmp_p
     assert tags["all"] == ["epoch1", "epoch2", "epoch3", "epoch4"]
     assert tags["two"] == ["epoch3", "epoch4"]
     assert losses(tmp_path / "all") == losses(tmp_path / "two")  # pruning changes nothing else
+
+
+def test_an_undecodable_validation_image_neither_ends_nor_skews_the_run(one_rank, tmp_path, capfd):
+    """A val shard whose first .jpg is an error page: validation keeps it as masked padding (warned), and the
+    in-training generation eval, which scores every image it reads, is skipped with a warning; the run trains
+    all its steps."""
+    import shutil
+    import tarfile
+
+    from vlm_dist.data.tario import TarWriter
+
+    val = tmp_path / "val"
+    shutil.copytree(one_rank / "val", val)
+    tar = next(val.glob("*.tar"))
+    with tarfile.open(tar) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    first = sorted(name for name, _ in members if name.endswith(".jpg"))[0]
+    with TarWriter(tar) as w:
+        for name, data in members:
+            w.add(name, b"<html>404</html>" if name == first else data)
+    out = run(one_rank, tmp_path / "run", make_engine=TorchEngine,
+              extra=[f"data.val_shards={val}", "train.eval_every=3", "train.generate_every=3", "train.generate_images=4"])
+    assert out["state"]["step"] == 6
+    err = capfd.readouterr()
+    text = err.out + err.err
+    assert f"sample '{first.split('.')[0]}'" in text and "its image does not decode" in text
+    assert "generation eval skipped" in text
+    vals = metrics(tmp_path / "run", split="val")
+    assert vals and all(math.isfinite(m["loss"]) for m in vals)

@@ -97,6 +97,26 @@ def test_accept_keeps_what_the_model_would_draw_and_replaces_the_rest():
     p0 = p0 / p0.sum(-1, keepdim=True)
     last, nxt = accept(draft, p0, q, g)
     assert (last == 0).all() and (nxt != draft[:, 1]).all()
+    # the same with proposals over a subset of the vocabulary (the heads draw from a shortlist): q over `cols`
+    cols = torch.tensor([0, 2, 4])
+    picks = torch.randint(0, 3, (B, n - 1), generator=g)
+    sub = torch.zeros(B, n - 1, 3)
+    sub[torch.arange(B)[:, None], torch.arange(n - 1), picks] = 1.0
+    draft = torch.cat([draft[:, :1], cols[picks]], dim=1)
+    p1 = p.clone()
+    p1[torch.arange(B), 0, draft[:, 1]] = 0.0
+    p1 = p1 / p1.sum(-1, keepdim=True)
+    last, nxt = accept(draft, p1, sub, g, cols, picks)
+    assert (last == 0).all() and (nxt != draft[:, 1]).all()
+    last, _ = accept(draft, p, p[:, :-1][:, :, cols] / p[:, :-1][:, :, cols].sum(-1, keepdim=True), g, cols, picks)
+    assert (last > 0).any()  # kept with probability min(1, p / q) < 1 here: some, not all
+
+
+def test_sampling_refuses_a_distribution_without_mass():
+    with pytest.raises(ValueError, match="NaN, infinite or all zero"):
+        sample(torch.tensor([[0.5, float("nan")], [0.5, 0.5]]), None)
+    with pytest.raises(ValueError, match="NaN, infinite or all zero"):
+        sample(torch.zeros(1, 4), None)
 
 
 def test_speculative_sampling_runs_ragged_batches_and_repeats_with_its_seed(trained4):  # noqa: F811

@@ -49,6 +49,8 @@ def test_speculative_sampling_samples_with_its_seed(export_and_shards):
     first, again = runner.invoke(app, [*args, "--seed", "4"]), runner.invoke(app, [*args, "--seed", "4"])
     assert first.exit_code == 0 and again.exit_code == 0, first.output
     assert first.stdout == again.stdout and first.stdout.count("{") == 2
+    other = runner.invoke(app, [*args, "--seed", "5"])  # a random model spreads its mass: another seed, other text
+    assert other.exit_code == 0 and other.stdout != first.stdout
     assert "tokens per model call" in first.stderr
 
 

@@ -36,7 +36,9 @@ DTYPE_HELP = ("Precision to decode in: fp32 (the default: an export, stored in f
               "greedy step took 40.5 ms in fp32 and 15.3 ms in bf16 (its weights packed once for oneDNN), a "
               "speculative verify call 65.3 and 20.0 ms, with every argmax row certified as a trained model's are "
               "(docs/bench/issue9_round10.md); at the demo's width (128) fp32 is faster there. On a CPU without "
-              "native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so.")
+              "native bf16 (AVX2 only) bf16 is emulated, several times slower: a note says so. A row's bf16 output "
+              "can differ with the batch it is decoded in (rounding of batched matmuls), so bf16 eval scores can "
+              "move slightly with --batch-size (2 of 40 odd prompts on the demo export; in fp32 a review found none).")
 STATIC_HELP = ("Greedy decoding steps of fixed shape (vlm_dist/infer/static.py), replayed as CUDA graphs on a GPU: "
                "the same output; on one H200 at base width, greedy 3.9x / 3.4x and --speculative 2.1x / 2.5x the "
                "tokens/s of the dynamic steps at batch 1 / 8 (docs/bench/gpu_round9.md). Default: static on a GPU, "

@@ -194,7 +194,7 @@ class StreamingLoader:
             # without one, each new iterator seeds its workers from the global torch RNG, one draw that a resumed
             # run (its RNG restored, then a new iterator) makes once more than the uninterrupted run, shifting
             # every later dropout mask. The workers seed their own RNGs (seed, epoch, slot) anyway.
-            base = torch.Generator().manual_seed(((ds.seed * 1_000_003) + ds.epoch) * 10_007 + ds.rank)
+            base = torch.Generator().manual_seed(int(rng_for("loader", ds.seed, ds.epoch, ds.rank).getrandbits(63)))
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
                                  persistent_workers=False, prefetch_factor=2, pin_memory=torch.cuda.is_available(),
                                  generator=base))

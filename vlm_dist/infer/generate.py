@@ -38,11 +38,20 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     never drawn."""
     cdf = probs.reshape(-1, probs.shape[-1]).cumsum(dim=-1, dtype=torch.float64)
     total = cdf[:, -1:]
-    # drawn where the generator lives (the CLI's is a CPU one, also for a GPU decode), then moved
-    where = generator.device if generator is not None else cdf.device
-    u = torch.rand(total.shape, dtype=torch.float64, device=where, generator=generator).to(cdf.device) * total
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # torch.multinomial refused these too
+        raise ValueError("sampling from probabilities that are NaN, infinite or all zero: the model's logits are "
+                         "not finite (check its weights, or decode in fp32)")
+    u = uniform(total.shape, generator, cdf.device, torch.float64) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total, also after rounding
     return torch.searchsorted(cdf, u, right=True).view(probs.shape[:-1])  # the first token whose sum passes u
+
+
+def uniform(shape: tuple, generator: torch.Generator | None, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """torch.rand(shape) on `device`, drawn where the generator lives and then moved: the CLI's generator is a
+    CPU one, also for a GPU decode, and torch.rand refuses a generator of another device."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, dtype=dtype, device=where, generator=generator).to(device)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

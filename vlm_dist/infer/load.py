@@ -27,6 +27,9 @@ def read_export_config(directory: str | Path) -> dict:
                           f"of `vlm-dist export`")
     path = d / "config.json"
     if not path.is_file() or not (d / "model.safetensors").is_file():
+        if (d / "checkpoints").is_dir():  # a training run's folder: export it beside its checkpoints
+            raise ExportError(f"{d} is a training run, not an export: `vlm-dist export --ckpt {d / 'checkpoints'} --out "
+                              f"{d / 'export'}`, then pass --model {d / 'export'}")
         raise ExportError(f"{d} is not a vlm-dist export (needs config.json and model.safetensors); "
                           f"create one with `vlm-dist export --ckpt RUN/checkpoints --out {d}`")
     try:

@@ -16,43 +16,53 @@ replacement (or bonus) token and the heads' new guesses make the next draft. Eac
 distributed as p given the tokens before it, whatever q is (the proposal only changes how often drafts are
 kept): tests/test_spec_sampling.py checks the sequences' frequencies against the model's probabilities.
 
+The heads draw from the unembedding's shortlist (the certified argmax's columns, 256 on the demo model) rather
+than the whole vocabulary: any proposal keeps the output exact, and a shortlist's q spares each call m
+full-vocabulary rows. p cannot be cut so: every call still unembeds the whole vocabulary at its n positions,
+where greedy drafts need only certified argmaxes (docs/bench/issue9_round11.md measures what this costs).
+
 Rows keep different numbers of tokens per call; the cache is ragged and finished rows leave the batch, as in
-greedy speculative decoding (infer/speculative.py), whose bookkeeping this shares. Unlike greedy drafts,
-which need only certified argmaxes, every call unembeds the full vocabulary at all n positions and the m
-heads: on a CPU at the demo's width this is the price of a call (docs/bench/issue9_round11.md).
+greedy speculative decoding (infer/speculative.py), whose bookkeeping this shares.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from vlm_dist.infer.generate import decoding, sample, sampling_probs
+from vlm_dist.infer.generate import decoding, sample, sampling_probs, uniform
 from vlm_dist.infer.speculative import emit, finish_stats
 from vlm_dist.text import get_tokenizer
 
 
-def accept(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator | None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator | None,
+           cols: torch.Tensor | None = None, picks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The speculative sampling rule for a batch of drafts. draft (B, n): x0..x(n-1); p (B, n, V): the model's
-    distribution after each draft token; q (B, n-1, V): the distribution each of x1..x(n-1) was drawn from.
+    distribution after each draft token; q (B, n-1, K): the distribution each of x1..x(n-1) was drawn from, over
+    the vocabulary's columns `cols` (K,) (None: all V; 0 elsewhere), and picks (B, n-1): where in `cols` each
+    draft token is (None: the tokens themselves); q is None when n = 1.
     Returns (last (B,): the last kept draft position, 0..n-1; next (B,): the token after it, drawn from the
     residual of the first refused position, or from p after x(n-1) when all were kept)."""
     B, n = draft.shape
+    rows = torch.arange(B, device=p.device)
     if n > 1:
         p_tok = p[:, :-1].gather(2, draft[:, 1:, None]).squeeze(2)  # (B, n-1): p_i(x(i+1))
-        q_tok = q.gather(2, draft[:, 1:, None]).squeeze(2)  # q(i+1)(x(i+1)) > 0: x(i+1) was drawn from it
-        u = torch.rand(p_tok.shape, generator=generator, device=p.device)
+        where = draft[:, 1:] if picks is None else picks
+        q_tok = q.gather(2, where[:, :, None]).squeeze(2)  # q(i+1)(x(i+1)) > 0: x(i+1) was drawn from it
+        u = uniform(p_tok.shape, generator, p.device)
         kept = u * q_tok < p_tok  # u < p / q without a division
         last = kept.long().cumprod(dim=1).sum(dim=1)  # (B,)
     else:
         last = torch.zeros(B, dtype=torch.long, device=p.device)
-    rows = torch.arange(B, device=p.device)
     after = p[rows, last]  # (B, V): p after the last kept token
-    if n > 1:  # the refused proposal; none (0) when all were kept
-        q_next = q[rows, last.clamp_max(n - 2)] * (last < n - 1)[:, None]
-    else:
-        q_next = torch.zeros_like(after)
-    residual = (after - q_next).clamp_min(0)
+    residual = after.clone()
+    if n > 1:  # minus the refused proposal (none when all were kept)
+        q_next = q[rows, last.clamp_max(n - 2)] * (last < n - 1)[:, None]  # (B, K)
+        if cols is None:
+            residual -= q_next
+        else:
+            residual[:, cols] -= q_next
+    residual = residual.clamp_min(0)
     mass = residual.sum(dim=1, keepdim=True)
     # p == q to the last bit leaves no residual, but then the draft is never refused; guard rounding anyway
     residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(mass.dtype).tiny), after)
@@ -86,18 +96,24 @@ def speculative_sample_batch(model, images: torch.Tensor, prompts: list[list[int
 
     with decoding(model):
         heads = model.fused_heads() if n > 1 else None
+        # The heads draw their guesses from the unembedding's shortlist only (the certified argmax's, model/argmax.py:
+        # the tokens the model uses): any proposal keeps the output exact, and one over K columns instead of V
+        # spares each call m full-vocabulary rows (K = 256 of 49,408 on the demo model).
+        cols = model.argmax_table().ids  # (K,), sorted
+        w_cols = model.lm_head.weight.index_select(0, cols)  # (K, D)
 
-        def draft_from(h: torch.Tensor, cache, at: torch.Tensor, first: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """The next draft (B, n): `first`, then the heads' samples at fed position `at` (B,) of h (B, S, D),
-            and their distributions (B, n-1, V; None without heads); advances the cache by S (the heads wrote
-            their keys)."""
+        def draft_from(h: torch.Tensor, cache, at: torch.Tensor, first: torch.Tensor):
+            """The next draft (B, n): `first`, then the heads' samples at fed position `at` (B,) of h (B, S, D);
+            their distributions over `cols` (B, n-1, K) and where in `cols` each guess is (B, n-1) (both None
+            without heads); advances the cache by S (the heads wrote their keys)."""
             if heads is None:
                 cache.advance(h.shape[1])
-                return first[:, None], None
-            q = dist(heads(h, cache, model.cfg.n_layers, at)).transpose(0, 1)  # (B, n-1, V)
+                return first[:, None], None, None
+            states = heads(h, cache, model.cfg.n_layers, at).transpose(0, 1)  # (B, n-1, D)
+            q = sampling_probs(F.linear(states, w_cols), temperature, top_p)  # (B, n-1, K)
             cache.advance(h.shape[1])
-            return torch.cat([first[:, None], sample(q, generator)], dim=1), q
+            picks = sample(q, generator)
+            return torch.cat([first[:, None], cols[picks]], dim=1), q, picks
 
         # Prefill every row's prompt, padded to the longest (causal attention keeps each row's own positions
         # exact); n spare cache slots, as in greedy speculative decoding.
@@ -108,7 +124,7 @@ def speculative_sample_batch(model, images: torch.Tensor, prompts: list[list[int
         h = model.fed_states(ids, cache, images)  # (B, P + longest, D)
         at = torch.tensor([P + len(p) - 1 for p in prompts], device=device)
         first = sample(dist(model.norm(h[torch.arange(B, device=device), at])), generator)
-        draft, q = draft_from(h, cache, at, first)
+        draft, q, picks = draft_from(h, cache, at, first)
         cache.set_lengths([P + len(p) for p in prompts])
 
         out: list[list[int]] = [[] for _ in range(B)]
@@ -118,18 +134,20 @@ def speculative_sample_batch(model, images: torch.Tensor, prompts: list[list[int
         while live:
             base = cache.lengths
             h = model.fed_states(draft, cache)  # (b, n, D)
-            last, nxt = accept(draft, dist(model.norm(h)), q, generator)
-            next_draft, next_q = draft_from(h, cache, last, nxt)
+            last, nxt = accept(draft, dist(model.norm(h)), q, generator, cols, picks)
+            next_draft, next_q, next_picks = draft_from(h, cache, last, nxt)
             calls += 1
             row_calls += len(live)
             host = torch.cat([last[:, None], draft], dim=1).tolist()  # one host sync per call
             keep = [r for r, b in enumerate(live) if not emit(out[b], host[r][1:], host[r][0] + 1, accepted_at,
                                                                tok.eos_id, max_new_tokens)]
             cache.crop([l + hr[0] + 1 for l, hr in zip(base, host)])  # forget refused positions
-            draft, q = next_draft, next_q
+            draft, q, picks = next_draft, next_q, next_picks
             if len(keep) < len(live):  # finished rows leave the batch
                 live = [live[r] for r in keep]
+                if keep and q is not None:
+                    q, picks = q[keep], picks[keep]
                 if keep:
                     cache.keep_rows(keep)
-                    draft, q = draft[keep], (q[keep] if q is not None else None)
+                    draft = draft[keep]
     return out, finish_stats(out, calls, row_calls, accepted_at)

@@ -263,15 +263,20 @@ def generation_eval(run: Run) -> None:
     """Rank 0 decodes a few validation images with the engine's own (unpartitioned) weights while the
     other ranks wait; under ZeRO-3 no rank holds whole weights, so it is skipped (use `vlm-dist eval`
     on an export)."""
-    from vlm_dist.infer.evaluate import evaluate_generation
+    from vlm_dist.infer.evaluate import EvalDataError, evaluate_generation
 
     if run.engine.zero_stage >= 3:
         run.log.warn_once("train.generate_every is ignored under ZeRO-3: export and run `vlm-dist eval` instead")
         return
+    result = None
     if run.info.is_main:
         # decodes in eval mode and hands the module back in training mode (infer/generate.decoding)
-        result = evaluate_generation(run.engine.module, run.cfg.data.val_shards, limit=run.cfg.train.generate_images,
-                                     progress=False, meteor=False)
+        try:
+            result = evaluate_generation(run.engine.module, run.cfg.data.val_shards, limit=run.cfg.train.generate_images,
+                                         progress=False, meteor=False)
+        except EvalDataError as err:  # e.g. an image that does not decode: training goes on
+            run.log.warn(f"step {run.state.step}: generation eval skipped: {err}")
+    if result is not None:
         metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
         run.log.scalars(run.state.step, metrics, split="val_generate")
         run.log.info(f"step {run.state.step}: caption exact match {metrics['caption_exact_match']:.3f}, "
