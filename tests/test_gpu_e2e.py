@@ -29,3 +29,4 @@ def test_gpu_e2e_script_runs_the_shipped_path_and_compares_the_decoders(tmp_path
     assert "step 2: caption exact match" in res.stdout + res.stderr  # the in-training generation eval ran
     spec = json.loads((tmp_path / "eval_speculative_first.json").read_text())["metrics"]["speculative"]
     assert spec["tokens"] > 0 and len(spec["accepted_per_position"]) > 1
+    assert "[e2e] generate, speculative sampling:" in res.stderr and "tokens per model call" in res.stderr

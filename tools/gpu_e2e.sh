@@ -2,8 +2,8 @@
 # The shipped path end to end, as a user runs it, at a preset's width with a random frozen tower (nothing can be
 # downloaded): demo data -> precompute-features (the frozen tower once) -> training on the features
 # (model.compile, validation, the in-training generation eval, a checkpoint) -> export -> eval, greedy and
-# speculative, each with the decoding steps the device picks (CUDA graphs on a GPU) and with --dynamic. It prints
-# how many texts differ between the four evaluations and fails above 1 % (on a GPU the two kinds of steps run
+# speculative, each with the decoding steps the device picks (CUDA graphs on a GPU) and with --dynamic -> one
+# speculative-sampling `generate`. It prints how many texts differ between the four evaluations and fails above 1 % (on a GPU the two kinds of steps run
 # different kernels, so a near-tie may round either way; on a CPU tests/test_gpu_e2e.py requires none). Made for a
 # GPU session's few minutes (tools/bench_gpu.py times the parts; this checks that they work together);
 # CONFIG=tiny FIRST=--static runs it on a CPU (tests/test_gpu_e2e.py).
@@ -67,3 +67,7 @@ print(f"[e2e] {len(first)} texts; differing from {names[0]}: {differ}", file=sys
 if not first or any(len(p) != len(first) for p in preds.values()) or max(differ.values()) > len(first) // 100:
     sys.exit("[e2e] FAILED: the evaluations disagree")
 EOF
+# speculative sampling on the device the export decodes on (its uniforms come from the CLI's CPU generator)
+image=$(find "$W/data/images" -name '*.jpg' | sort | head -n 1)
+phase "generate, speculative sampling" "${VD[@]}" generate --model "$W/export" --image "$image" --image "$image" \
+  --speculative --temperature 0.7 --max-new-tokens 8 --seed 1
