@@ -24,6 +24,22 @@ def make_demo_shards(root: Path, n_train: int = 64, n_val: int = 16, shard_size:
     return root / "shards"
 
 
+def demo_export(root: Path, overrides: tuple[str, ...] = (), n_train: int = 4, n_val: int = 4,
+                shard_size: int = 4) -> tuple[Path, Path]:
+    """Demo shards (make_demo_shards) and ROOT/export: a random `tiny` model (with `overrides`), seed 0, exported.
+    Returns (root, shards)."""
+    import torch
+
+    from vlm_dist.config import load_config
+    from vlm_dist.infer.export import save_export
+    from vlm_dist.model import VLM
+
+    shards = make_demo_shards(root / "data", n_train=n_train, n_val=n_val, shard_size=shard_size)
+    torch.manual_seed(0)
+    save_export(VLM(load_config("tiny", list(overrides)).model).eval(), root / "export")
+    return root, shards
+
+
 def train_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",

@@ -6,26 +6,19 @@ import shutil
 import tarfile
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from tests.helpers import make_demo_shards
+from tests.helpers import demo_export
 from vlm_dist.cli import app
 from vlm_dist.config import ConfigError, load_config
 from vlm_dist.data.tario import TarWriter
-from vlm_dist.infer.export import save_export
-from vlm_dist.model import VLM
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def export_and_shards(module_dir):
-    root = module_dir("cli_errors")
-    shards = make_demo_shards(root / "data", n_train=4, n_val=4, shard_size=4)
-    torch.manual_seed(0)
-    save_export(VLM(load_config("tiny").model).eval(), root / "export")
-    return root, shards
+    return demo_export(module_dir("cli_errors"))
 
 
 def one_error(res, *expected: str) -> None:

@@ -9,13 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.helpers import make_demo_shards
+from tests.helpers import demo_export
 from vlm_dist.cli import app
 from vlm_dist.config import load_config
 from vlm_dist.data.demo import make_demo_data
 from vlm_dist.data.shard import shard_coco
 from vlm_dist.infer.evaluate import evaluate_generation, normalise
-from vlm_dist.infer.export import save_export
 from vlm_dist.model import VLM
 
 runner = CliRunner()
@@ -27,11 +26,7 @@ def test_normalise_ignores_case_punctuation_and_spacing():
 
 @pytest.fixture(scope="module")
 def export_and_shards(module_dir):
-    root = module_dir("eval")
-    shards = make_demo_shards(root / "data", n_train=8, n_val=6, shard_size=4)
-    torch.manual_seed(0)
-    save_export(VLM(load_config("tiny").model).eval(), root / "export")
-    return root, shards
+    return demo_export(module_dir("eval"), n_train=8, n_val=6)
 
 
 def test_eval_cli_writes_metrics_and_coco_results(export_and_shards):

@@ -11,7 +11,6 @@ import torch
 from tests.test_speculative import class_images, mixed_prompts, tok, trained4, untrained  # noqa: F401
 from vlm_dist.infer.generate import generate, sample, sampling_probs
 from vlm_dist.infer.spec_sampling import accept, speculative_sample_batch
-from vlm_dist.infer.speculative import speculative_generate_batch
 from vlm_dist.text import prompt_tokens
 
 N, K, T = 1200, 3, 1.0  # samples, new tokens per sample, temperature

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.helpers import make_demo_shards
+from tests.helpers import demo_export
 from vlm_dist.cli import app
 from vlm_dist.config import load_config
 from vlm_dist.infer.export import save_export
@@ -17,11 +17,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def export_and_shards(module_dir):
-    root = module_dir("spec_cli")
-    shards = make_demo_shards(root / "data", n_train=4, n_val=4, shard_size=4)
-    torch.manual_seed(0)
-    save_export(VLM(load_config("tiny", ["model.n_future=3"]).model).eval(), root / "export")
-    return root, shards
+    return demo_export(module_dir("spec_cli"), ("model.n_future=3",))
 
 
 def test_generate_speculative_batch_matches_greedy_and_reports(export_and_shards):

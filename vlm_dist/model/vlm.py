@@ -215,16 +215,10 @@ class VLM(nn.Module):
         """`step` before the unembedding: one normalised (B, T, D) state per head, for callers that
         need the logits of only some heads or positions (speculative decoding). Row b's tokens go after
         the cache's lengths[b] positions (a ragged cache: each row at its own position)."""
-        if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
-            raise ValueError("pass images on the first step (empty cache) and only then")
-        if cache.uniform:
-            x = self.embed(images, input_ids, offset=cache.lengths[0])
-        else:
-            x = self.embed(None, input_ids, positions=cache.positions(input_ids.shape[1]))
-        h = self.trunk(x, cache)
+        h = self.fed_states(input_ids, cache, images)
         # the extra heads see image positions too, as in forward
         states = [self.norm(h)] if next_token_only else self.head_states(h, cache)
-        cache.advance(x.shape[1])
+        cache.advance(h.shape[1])
         T = input_ids.shape[1]
         return [s[:, -T:] for s in states]
 
@@ -264,7 +258,7 @@ class VLM(nn.Module):
     def fed_states(self, input_ids: torch.Tensor, cache: KVCache, images: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk's states (B, S, D) of input_ids (B, T) fed after each row's cache (images, and so S = P + T,
         on the first call only), writing the trunk's keys and values; the caller advances the cache by S once the
-        extra heads have written theirs (verify_step; infer/spec_sampling.py)."""
+        extra heads have written theirs (step_states, verify_step; infer/spec_sampling.py)."""
         if images is not None and max(cache.lengths) > 0 or images is None and min(cache.lengths) == 0:
             raise ValueError("pass images on the first step (empty cache) and only then")
         if cache.uniform:

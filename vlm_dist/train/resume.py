@@ -92,7 +92,7 @@ def check(saved: dict, now: dict, saved_config: dict, config: dict, batch_in_epo
             f"bf16.enabled={'true' if saved['precision'] == 'bf16' else 'false'}"
             + (" --ds-set fp16.enabled=true" if saved["precision"] == "fp16" else "")
             + " (bf16.enabled=\"auto\" picks from the hardware, so a move to other hardware can change it), or "
-            f"start afresh with --resume none or a new --run-dir")
+            "start afresh with --resume none or a new --run-dir")
     hard = [d for d in diffs if d[0] not in ELASTIC_KEYS]
     if hard:
         lines = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in hard[:6])
