@@ -394,14 +394,13 @@ def generate_cmd(
     """Caption images, or answer a question about them (batched, KV-cached decoding)."""
     import json
 
+    import PIL.Image
     import torch
 
     from vlm_dist.data.samples import ImageToTensor
     from vlm_dist.infer.generate import fit_max_new_tokens, generate_text
     from vlm_dist.devices import DeviceError
     from vlm_dist.infer.load import ExportError
-    from PIL import Image
-
     from vlm_dist.text import get_tokenizer, prompt_tokens
 
     if static and temperature > 0:
@@ -424,7 +423,7 @@ def generate_cmd(
     for path in image:
         try:
             tensors.append(to_tensor(path.read_bytes()))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, not an image, too large
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as err:  # missing, not an image, too large
             why = str(err).replace("<_io.BytesIO object", "<its bytes")
             typer.echo(f"error: cannot read image {path}: {type(err).__name__}: {why}", err=True)
             raise typer.Exit(2)
