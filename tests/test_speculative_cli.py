@@ -1,4 +1,4 @@
-"""`generate --speculative` and `eval --speculative`: same text as greedy, stats reported, sampling refused."""
+"""`generate --speculative` and `eval --speculative`: same text as greedy, stats reported; with --temperature, speculative sampling."""
 
 import json
 
