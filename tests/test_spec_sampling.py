@@ -111,6 +111,29 @@ def test_accept_keeps_what_the_model_would_draw_and_replaces_the_rest():
     assert (last > 0).any()  # kept with probability min(1, p / q) < 1 here: some, not all
 
 
+def test_the_rule_draws_p_for_truncated_p_and_q_monte_carlo():
+    """The rule alone, on a 6-token vocabulary and 200,000 rows: p cut to a nucleus (zeros, as top-p makes) and q
+    over a subset of the columns (zeros elsewhere, as the heads' shortlist makes) that differs from p; the token
+    emitted after x0 (the kept draft, or the redraw) must be distributed as p. A chi-square test of its counts."""
+    g = torch.Generator().manual_seed(3)
+    N, V = 200_000, 6
+    p0 = torch.tensor([0.45, 0.25, 0.0, 0.2, 0.1, 0.0])  # after x0: a nucleus (tokens 2 and 5 cut)
+    cols = torch.tensor([0, 2, 3, 5])
+    q = torch.tensor([0.1, 0.3, 0.5, 0.1])  # over cols: mass on a token p cuts, none on p's tokens 1 and 4
+    picks = sample(q.expand(N, 1, 4), g)  # (N, 1)
+    draft = torch.stack([torch.zeros(N, dtype=torch.long), cols[picks[:, 0]]], dim=1)
+    p = torch.stack([p0, torch.full((V,), 1.0 / V)]).expand(N, 2, V)  # after x1: anything (a bonus draw)
+    last, nxt = accept(draft, p, q.expand(N, 1, 4), g, cols, picks)
+    token = torch.where(last == 1, draft[:, 1], nxt)
+    counts = torch.bincount(token, minlength=V).double()
+    expected = N * p0.double()
+    assert counts[expected == 0].sum() == 0  # never a token p cuts
+    chi2 = ((counts - expected)[expected > 0] ** 2 / expected[expected > 0]).sum()
+    p_value = torch.special.gammaincc(torch.tensor(1.5, dtype=torch.float64), chi2 / 2)  # 4 cells - 1 = 3 df
+    assert p_value > 1e-3, (counts.tolist(), expected.tolist())
+    assert 0.1 < (last == 1).double().mean() < 0.9  # both paths ran
+
+
 def test_sampling_refuses_a_distribution_without_mass():
     with pytest.raises(ValueError, match="NaN, infinite or all zero"):
         sample(torch.tensor([[0.5, float("nan")], [0.5, 0.5]]), None)
