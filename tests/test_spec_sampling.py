@@ -87,14 +87,15 @@ def test_accept_keeps_what_the_model_would_draw_and_replaces_the_rest():
     B, n, V = 64, 4, 5
     p = torch.softmax(torch.randn(B, n, V, generator=g), dim=-1)
     draft = torch.randint(0, V, (B, n), generator=g)
-    last, nxt = accept(draft, p, p[:, :-1].clone(), g)  # q = p: kept with probability min(1, p/q) = 1
+    whole = torch.arange(V)  # proposals over the whole vocabulary: a guess's place in it is the token
+    last, nxt = accept(draft, p, p[:, :-1].clone(), whole, draft[:, 1:], g)  # q = p: kept with probability min(1, p/q) = 1
     assert (last == n - 1).all()
     q = torch.zeros(B, n - 1, V)
     q[torch.arange(B)[:, None], torch.arange(n - 1), draft[:, 1:]] = 1.0  # all mass on the drafted token
     p0 = p.clone()
     p0[torch.arange(B), 0, draft[:, 1]] = 0.0  # ... which the model never draws after x0
     p0 = p0 / p0.sum(-1, keepdim=True)
-    last, nxt = accept(draft, p0, q, g)
+    last, nxt = accept(draft, p0, q, whole, draft[:, 1:], g)
     assert (last == 0).all() and (nxt != draft[:, 1]).all()
     # the same with proposals over a subset of the vocabulary (the heads draw from a shortlist): q over `cols`
     cols = torch.tensor([0, 2, 4])
@@ -105,9 +106,9 @@ def test_accept_keeps_what_the_model_would_draw_and_replaces_the_rest():
     p1 = p.clone()
     p1[torch.arange(B), 0, draft[:, 1]] = 0.0
     p1 = p1 / p1.sum(-1, keepdim=True)
-    last, nxt = accept(draft, p1, sub, g, cols, picks)
+    last, nxt = accept(draft, p1, sub, cols, picks, g)
     assert (last == 0).all() and (nxt != draft[:, 1]).all()
-    last, _ = accept(draft, p, p[:, :-1][:, :, cols] / p[:, :-1][:, :, cols].sum(-1, keepdim=True), g, cols, picks)
+    last, _ = accept(draft, p, p[:, :-1][:, :, cols] / p[:, :-1][:, :, cols].sum(-1, keepdim=True), cols, picks, g)
     assert (last > 0).any()  # kept with probability min(1, p / q) < 1 here: some, not all
 
 
@@ -123,7 +124,7 @@ def test_the_rule_draws_p_for_truncated_p_and_q_monte_carlo():
     picks = sample(q.expand(N, 1, 4), g)  # (N, 1)
     draft = torch.stack([torch.zeros(N, dtype=torch.long), cols[picks[:, 0]]], dim=1)
     p = torch.stack([p0, torch.full((V,), 1.0 / V)]).expand(N, 2, V)  # after x1: anything (a bonus draw)
-    last, nxt = accept(draft, p, q.expand(N, 1, 4), g, cols, picks)
+    last, nxt = accept(draft, p, q.expand(N, 1, 4), cols, picks, g)
     token = torch.where(last == 1, draft[:, 1], nxt)
     counts = torch.bincount(token, minlength=V).double()
     expected = N * p0.double()

@@ -31,24 +31,23 @@ import torch
 import torch.nn.functional as F
 
 from vlm_dist.infer.generate import decoding, sample, sampling_probs, uniform
-from vlm_dist.infer.speculative import emit, finish_stats
+from vlm_dist.infer.speculative import emit, finish_stats, padded_prompts
 from vlm_dist.text import get_tokenizer
 
 
-def accept(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator | None,
-           cols: torch.Tensor | None = None, picks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, cols: torch.Tensor, picks: torch.Tensor | None,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The speculative sampling rule for a batch of drafts. draft (B, n): x0..x(n-1); p (B, n, V): the model's
     distribution after each draft token; q (B, n-1, K): the distribution each of x1..x(n-1) was drawn from, over
-    the vocabulary's columns `cols` (K,) (None: all V; 0 elsewhere), and picks (B, n-1): where in `cols` each
-    draft token is (None: the tokens themselves); q is None when n = 1.
+    the vocabulary's columns `cols` (K,) (0 elsewhere), and picks (B, n-1): where in `cols` each draft token is
+    (draft[:, 1:] == cols[picks]); q and picks are None when n = 1.
     Returns (last (B,): the last kept draft position, 0..n-1; next (B,): the token after it, drawn from the
     residual of the first refused position, or from p after x(n-1) when all were kept)."""
     B, n = draft.shape
     rows = torch.arange(B, device=p.device)
     if n > 1:
         p_tok = p[:, :-1].gather(2, draft[:, 1:, None]).squeeze(2)  # (B, n-1): p_i(x(i+1))
-        where = draft[:, 1:] if picks is None else picks
-        q_tok = q.gather(2, where[:, :, None]).squeeze(2)  # q(i+1)(x(i+1)) > 0: x(i+1) was drawn from it
+        q_tok = q.gather(2, picks[:, :, None]).squeeze(2)  # q(i+1)(x(i+1)) > 0: x(i+1) was drawn from it
         u = uniform(p_tok.shape, generator, p.device)
         kept = u * q_tok < p_tok  # u < p / q without a division
         last = kept.long().cumprod(dim=1).sum(dim=1)  # (B,)
@@ -57,11 +56,7 @@ def accept(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, generat
     after = p[rows, last]  # (B, V): p after the last kept token
     residual = after.clone()
     if n > 1:  # minus the refused proposal (none when all were kept)
-        q_next = q[rows, last.clamp_max(n - 2)] * (last < n - 1)[:, None]  # (B, K)
-        if cols is None:
-            residual -= q_next
-        else:
-            residual[:, cols] -= q_next
+        residual[:, cols] -= q[rows, last.clamp_max(n - 2)] * (last < n - 1)[:, None]  # (B, K)
     residual = residual.clamp_min(0)
     mass = residual.sum(dim=1, keepdim=True)
     # p == q to the last bit leaves no residual, but then the draft is never refused; guard rounding anyway
@@ -82,13 +77,8 @@ def speculative_sample_batch(model, images: torch.Tensor, prompts: list[list[int
                          "(speculative_generate_batch, whose output is exactly greedy's)")
     tok = get_tokenizer()
     B, n, P = images.shape[0], model.cfg.n_future, model.n_image_tokens
-    if len(prompts) != B or any(not p for p in prompts):
-        raise ValueError(f"need one non-empty prompt per image: {B} images, {len(prompts)} prompts")
-    longest = max(len(p) for p in prompts)
-    if P + longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed "
-                         f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
     device = next(model.parameters()).device
+    ids = padded_prompts(model, prompts, B, max_new_tokens, device)
     images = images.to(device, model.projector.weight.dtype)
 
     def dist(states: torch.Tensor) -> torch.Tensor:  # normalised states (..., D) -> sampling distribution (..., V)
@@ -115,11 +105,7 @@ def speculative_sample_batch(model, images: torch.Tensor, prompts: list[list[int
             picks = sample(q, generator)
             return torch.cat([first[:, None], cols[picks]], dim=1), q, picks
 
-        # Prefill every row's prompt, padded to the longest (causal attention keeps each row's own positions
-        # exact); n spare cache slots, as in greedy speculative decoding.
-        ids = torch.full((B, longest), tok.pad_id, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p, device=device)
+        # the padded prompts (padded_prompts), with n spare cache slots as in greedy speculative decoding
         cache = model.new_cache(B, max_len=model.cfg.max_seq_len + n)
         h = model.fed_states(ids, cache, images)  # (B, P + longest, D)
         at = torch.tensor([P + len(p) - 1 for p in prompts], device=device)
@@ -134,7 +120,7 @@ def speculative_sample_batch(model, images: torch.Tensor, prompts: list[list[int
         while live:
             base = cache.lengths
             h = model.fed_states(draft, cache)  # (b, n, D)
-            last, nxt = accept(draft, dist(model.norm(h)), q, generator, cols, picks)
+            last, nxt = accept(draft, dist(model.norm(h)), q, cols, picks, generator)
             next_draft, next_q, next_picks = draft_from(h, cache, last, nxt)
             calls += 1
             row_calls += len(live)

@@ -40,22 +40,11 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
     rows then stay in the batch, uncounted, instead of leaving it. None (the default): static on a GPU, not on a CPU."""
     tok = get_tokenizer()
     B, n, P = images.shape[0], model.cfg.n_future, model.n_image_tokens
-    if len(prompts) != B or any(not p for p in prompts):
-        raise ValueError(f"need one non-empty prompt per image: {B} images, {len(prompts)} prompts")
-    longest = max(len(p) for p in prompts)
-    if P + longest + max_new_tokens > model.cfg.max_seq_len:  # the same limit as greedy decoding
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed "
-                         f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
     device = next(model.parameters()).device
+    ids = padded_prompts(model, prompts, B, max_new_tokens, device)
     static = static_default(device) if static is None else static
     images = images.to(device, model.projector.weight.dtype)
     with decoding(model):
-
-        # Prefill every row's prompt, padded to the longest: causal attention keeps row b's first len(p)
-        # positions exact; the padding beyond them is hidden and overwritten once lengths are per row.
-        ids = torch.full((B, longest), tok.pad_id, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p, device=device)
         # n spare cache slots: a call near the end of the context writes drafts past max_seq_len. Every token
         # it emits is still predicted from a position < max_seq_len (the check above); the rest are cut.
         sess = session(model, "verify", B, model.cfg.max_seq_len + n) if static else None
@@ -107,6 +96,23 @@ def speculative_generate_batch(model, images: torch.Tensor, prompts: list[list[i
                     cache.keep_rows(keep)
                     draft = draft[keep]
     return out, finish_stats(out, calls, row_calls, accepted_at)
+
+
+def padded_prompts(model, prompts: list[list[int]], batch: int, max_new_tokens: int, device: torch.device) -> torch.Tensor:
+    """The prompts (ids starting with <sot>, one per image, lengths may differ) as one (B, longest) prefill,
+    padded: causal attention keeps row b's first len(p) positions exact, and the padding beyond them is hidden
+    and overwritten once the cache's lengths are per row. Refuses prompts + max_new_tokens the context cannot
+    hold (the same limit as greedy decoding)."""
+    if len(prompts) != batch or any(not p for p in prompts):
+        raise ValueError(f"need one non-empty prompt per image: {batch} images, {len(prompts)} prompts")
+    longest, P = max(len(p) for p in prompts), model.n_image_tokens
+    if P + longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed "
+                         f"model.max_seq_len={model.cfg.max_seq_len} - {P} image tokens; lower --max-new-tokens")
+    ids = torch.full((batch, longest), get_tokenizer().pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, device=device)
+    return ids
 
 
 def emit(row: list[int], draft: list[int], accepted: int, accepted_at: list[int], eos: int, max_new_tokens: int) -> bool:
