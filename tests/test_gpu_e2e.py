@@ -30,3 +30,6 @@ def test_gpu_e2e_script_runs_the_shipped_path_and_compares_the_decoders(tmp_path
     spec = json.loads((tmp_path / "eval_speculative_first.json").read_text())["metrics"]["speculative"]
     assert spec["tokens"] > 0 and len(spec["accepted_per_position"]) > 1
     assert "[e2e] generate, speculative sampling:" in res.stderr and "tokens per model call" in res.stderr
+    # a second run into the same folder would resume the finished training and check nothing: refused
+    again = subprocess.run(["bash", str(REPO / "tools" / "gpu_e2e.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "holds an earlier run" in again.stderr, again.stderr[-2000:]

@@ -30,6 +30,10 @@ phase() {  # phase NAME COMMAND...: run it and print its wall time
   echo "[e2e] $name: $((SECONDS - t0)) s" >&2
 }
 
+if [ -e "$W/run/checkpoints" ]; then  # its training would resume at the last step and check nothing again
+  echo "[e2e] $W holds an earlier run: pass a new W=... or delete it (rm -rf $W)" >&2
+  exit 2
+fi
 phase data "${VD[@]}" demo-data --out "$W/data" --train "$N_TRAIN" --val "$N_VAL" --shard
 for split in train val; do
   phase "features $split" "${VD[@]}" precompute-features --shards "$W/data/shards/$split" --out "$W/features/$split" \
@@ -68,6 +72,8 @@ if not first or any(len(p) != len(first) for p in preds.values()) or max(differ.
     sys.exit("[e2e] FAILED: the evaluations disagree")
 EOF
 # speculative sampling on the device the export decodes on (its uniforms come from the CLI's CPU generator)
-image=$(find "$W/data/images" -name '*.jpg' | sort | head -n 1)
+# (sed reads the whole list: `head -n 1` would close the pipe early and, with pipefail, fail the script on
+# `sort`'s SIGPIPE once the list outgrows the pipe's 64 KiB, as the default 2112 images' does)
+image=$(find "$W/data/images" -name '*.jpg' | sort | sed -n 1p)
 phase "generate, speculative sampling" "${VD[@]}" generate --model "$W/export" --image "$image" --image "$image" \
   --speculative --temperature 0.7 --max-new-tokens 8 --seed 1
