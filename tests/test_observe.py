@@ -61,6 +61,20 @@ def test_flops_match_flop_counter(freeze):
     assert analytic - counter.get_total_flops() == missed
 
 
+def test_peak_flops_picks_the_card_whose_name_matches_most_specifically(monkeypatch):
+    """Names as torch.cuda.get_device_name gives them: one that contains another card's name (H100 NVL holds
+    H100, L40 holds L4) gets its own peak, not the first substring's."""
+    from vlm_dist.observe.flops import peak_flops
+
+    expected = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12,
+                "NVIDIA H200": 989e12, "NVIDIA GH200 480GB": 989e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
+                "NVIDIA L4": 121e12, "NVIDIA A100-SXM4-80GB": 312e12, "Tesla V100-SXM2-16GB": None}
+    for name, peak in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(torch.device("cuda", 0)) == peak, name
+    assert peak_flops(torch.device("cpu")) is None
+
+
 def test_grad_stats_in_process():
     """Layers partition the trainable parameters; per-layer norms / max / NaN counts are those of the
     gradients; the global norm is torch's total norm; the update ratio of an SGD step is lr·|g|/|w|."""

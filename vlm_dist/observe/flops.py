@@ -41,10 +41,11 @@ import torch
 
 from vlm_dist.config import ModelConfig
 
-# Dense bf16 peak FLOP/s by device-name substring (first match wins; more specific names first).
+# Dense bf16 peak FLOP/s by device-name substring (first match wins: a name that contains another comes first,
+# "H100 NVL" before "H100", "L40S" and "L40" before "L4"), from NVIDIA's datasheets (their sparsity figures halved).
 PEAK_BF16 = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L4", 121e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 ]
 
 
