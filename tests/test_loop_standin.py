@@ -234,3 +234,34 @@ def test_an_undecodable_validation_image_neither_ends_nor_skews_the_run(one_rank
     assert "generation eval skipped" in text
     vals = metrics(tmp_path / "run", split="val")
     assert vals and all(math.isfinite(m["loss"]) for m in vals)
+
+
+@pytest.mark.parametrize("at_step,finished", [(6, True), (3, False)])
+def test_a_stop_at_the_last_step_finishes_and_one_on_a_save_step_saves_once(one_rank, tmp_path, at_step, finished):
+    """SIGTERM during step 6 of 6: the run is complete and saved, so it ends as finished (exit 0, not 75, which
+    the SLURM recipe requeues). During step 3, a scheduled save step (save_every 3): it stops there, saving
+    step3 once, not twice inside the grace period."""
+    import os
+    import signal
+
+    from vlm_dist.train.loop import Preempted
+
+    saves = []
+
+    class SignalledEngine(TorchEngine):
+        def __call__(self, *args, **kwargs):
+            if self.module.training and self.micro + 1 == at_step:  # step `at_step`'s forward (accumulation 1)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(*args, **kwargs)
+
+        def save(self, ckpt_dir, tag, client_state):
+            saves.append(tag)
+            super().save(ckpt_dir, tag, client_state)
+
+    if finished:
+        out = run(one_rank, tmp_path / "run", SignalledEngine)
+        assert out["state"]["step"] == 6 and not out["stopped_early"]
+    else:
+        with pytest.raises(Preempted, match="saved step3 at step 3"):
+            run(one_rank, tmp_path / "run", SignalledEngine)
+    assert saves.count(f".tmp-step{at_step}") == 1, saves  # the engine writes into .tmp-TAG, published once complete

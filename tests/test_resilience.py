@@ -94,7 +94,8 @@ def test_sigterm_saves_and_resumes_exactly(shards, reference, tmp_path):
     assert time.time() - sent < 60
     assert "stopped: stop requested (on another rank)" in outs[0]
     stopped = max(r["step"] for r in metrics(run))
-    assert 4 <= stopped < STEPS and (run / "checkpoints" / f"step{stopped}").is_dir()
+    tag = outs[0].split("saved ")[1].split()[0]  # stepN, or epochE where the stop fell on an epoch's end
+    assert 4 <= stopped < STEPS and f"at step {stopped} " in outs[0] and (run / "checkpoints" / tag).is_dir()
     run_ranks(common(shards, run), 2)
     assert_same_losses(run, reference)
     assert sample_log(run) == sample_log(reference)
@@ -119,8 +120,8 @@ def test_sigterm_to_the_deepspeed_runner_leaves_no_orphans(shards, tmp_path):
     assert _job_processes(run) == []
     said = [line for line in out.splitlines() if "stopped: stop requested (the deepspeed runner" in line]
     assert len(said) == 1 and "exits with return code = 75" in out, out[-3000:]
-    stopped = int(said[0].split("saved step")[1].split()[0])
-    assert stopped > logged and incomplete_reason(run / "checkpoints" / f"step{stopped}") is None
+    tag, stopped = said[0].split("saved ")[1].split()[0], int(said[0].split(" at step ")[1].split()[0])
+    assert stopped > logged and incomplete_reason(run / "checkpoints" / tag) is None
 
 
 def _job_processes(run: Path) -> list[str]:

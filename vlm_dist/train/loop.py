@@ -242,7 +242,8 @@ def save(run: Run, tag: str, latest: bool = True) -> None:
         ckpt.prune_checkpoints(run.ckpt_dir, run.cfg.train.keep_last, run.info.is_main, run.cfg.train.keep_epochs)
 
 
-def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
+def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> str | None:
+    """The step's scheduled validation, generation eval and save; returns the tag saved for this step, if any."""
     cfg, state, step = run.cfg, run.state, run.state.step
     if run.val_loader is not None and (step % cfg.train.eval_every == 0 or epoch_end):
         recorder = EvalRecorder(cfg.model.n_future, cfg.data.max_text_len - 1, cfg.log.token_images)
@@ -256,7 +257,10 @@ def maybe_eval_and_save(run: Run, epoch_end: bool = False) -> None:
     if cfg.train.generate_every and step % cfg.train.generate_every == 0 and cfg.data.val_shards:
         generation_eval(run)
     if epoch_end or step % cfg.train.save_every == 0 or step in (run.total_steps, run.stop_at):
-        save(run, f"epoch{state.epoch}" if epoch_end else f"step{step}")
+        tag = f"epoch{state.epoch}" if epoch_end else f"step{step}"
+        save(run, tag)
+        return tag
+    return None
 
 
 def generation_eval(run: Run) -> None:
@@ -302,20 +306,28 @@ def run_epoch(run: Run) -> None:
             epoch_done = state.batch_in_epoch + run.accum > end
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            maybe_eval_and_save(run, epoch_end=epoch_done)  # the step's scheduled eval/save first: exact resume
+            saved = maybe_eval_and_save(run, epoch_end=epoch_done)  # the step's scheduled eval/save first: exact resume
             if metrics["stop_requested"]:
-                stop_now(run)
+                stop_now(run, saved)
             if epoch_done:
                 return
     finally:
         del batches  # stops this epoch's DataLoader workers
 
 
-def stop_now(run: Run) -> None:
-    """Every rank, at the same step: save where we are and leave with EXIT_PREEMPTED."""
+def stop_now(run: Run, saved: str | None = None) -> None:
+    """Every rank, at the same step: save where we are (unless this step's tag `saved` just was) and leave with
+    EXIT_PREEMPTED; at the run's last step it is complete and saved, and the run ends as finished (a scheduler
+    must not requeue it)."""
+    reason = run.stop.reason or "on another rank"
+    if run.state.step >= run.total_steps:
+        run.log.info(f"stop requested ({reason}) at the run's last step: the run is complete, saved as {saved}")
+        return
     t0 = time.perf_counter()
-    save(run, f"step{run.state.step}")
-    raise Preempted(f"stop requested ({run.stop.reason or 'on another rank'}): saved step{run.state.step} in "
+    if saved is None:
+        saved = f"step{run.state.step}"
+        save(run, saved)
+    raise Preempted(f"stop requested ({reason}): saved {saved} at step {run.state.step} in "
                     f"{time.perf_counter() - t0:.1f} s under {run.ckpt_dir}; continue with --resume auto")
 
 
