@@ -122,6 +122,29 @@ def test_a_rollback_sets_later_tags_aside(tmp_path):
     assert len(list(tmp_path.glob("superseded-*"))) == 2
 
 
+def test_a_fresh_start_sets_aside_an_old_runs_interrupted_saves_too(tmp_path):
+    """`--resume none` with leftovers of the old run's interrupted saves (step4 complete but unpublished, best
+    mid-replacement): they go aside with its published tags, so that a later `--resume auto` (after the new
+    run saved step2 and crashed) continues the new run, not the old one's step4."""
+    from vlm_dist.observe.logger import NullLogger
+    from vlm_dist.train.dist import DistInfo
+    from vlm_dist.train.setup import RunOptions, _resume_point
+
+    save(tmp_path, "step2", 2)
+    save(tmp_path, "step4", 4)
+    (tmp_path / "step4").rename(tmp_path / ".tmp-step4")  # killed between its last file and publishing
+    save(tmp_path, "best", 3, latest=False)
+    (tmp_path / "best").rename(tmp_path / ".old-best")  # killed while a new best replaced it
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert _resume_point(RunOptions(resume="none"), tmp_path, info, NullLogger()) is None
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("superseded-")] == []
+    save(tmp_path, "step2", 2, payload=2.0)  # the new run, then a crash
+    assert _resume_point(RunOptions(resume="auto"), tmp_path, info, NullLogger()).tag == "step2"
+    assert FileEngine().load(tmp_path, "step2")["w"][0].item() == 2.0
+    (aside,) = tmp_path.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "step2", "step4"]  # the old run's, kept
+
+
 def test_prune_keeps_the_newest_step_and_epoch_tags(tmp_path):
     for s in (2, 4, 6):
         save(tmp_path, f"step{s}", s)

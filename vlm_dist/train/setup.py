@@ -82,7 +82,7 @@ def _poisoned_steps(rank: int) -> set[int]:
 
 
 def _resume_point(opts: RunOptions, ckpt_dir: Path, info: DistInfo, log: NullLogger) -> ckpt.ResumePoint | None:
-    if info.is_main and opts.resume != "none":
+    if info.is_main:  # also for --resume none: an interrupted save's leftovers go aside with the rest below
         for note in ckpt.recover(ckpt_dir):
             log.info(f"checkpoints: {note}")
     barrier()  # every rank reads the folder as rank 0 left it
