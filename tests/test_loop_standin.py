@@ -265,3 +265,25 @@ def test_a_stop_at_the_last_step_finishes_and_one_on_a_save_step_saves_once(one_
         with pytest.raises(Preempted, match="saved step3 at step 3"):
             run(one_rank, tmp_path / "run", SignalledEngine)
     assert saves.count(f".tmp-step{at_step}") == 1, saves  # the engine writes into .tmp-TAG, published once complete
+
+
+def test_a_fresh_start_in_a_used_run_dir_hides_the_old_runs_tensorboard_curves(one_rank, tmp_path):
+    """--resume none where a run already logged 6 steps: TensorBoard, like metrics.jsonl, shows only the new run
+    (3 steps under another learning rate), not the old run's steps 4-6 beside it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlm_dist.train.setup import RunOptions
+
+    def go(lr, **kw):
+        cfg = load_config("tiny", [f"data.train_shards={one_rank / 'train'}", "train.max_steps=6", "train.save_every=3",
+                                   "log.log_every=1"])
+        opts = RunOptions(ds="ds_configs/zero2.json", run_dir=str(tmp_path / "run"), ds_overrides=[
+            "bf16.enabled=false", f"optimizer.params.lr={lr}", "train_micro_batch_size_per_gpu=4"], **kw)
+        train(cfg, opts, make_engine=TorchEngine)
+
+    go(0.002)
+    go(0.02, resume="none", stop_after=3)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]

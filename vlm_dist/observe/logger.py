@@ -71,8 +71,9 @@ class RunLogger(NullLogger):
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: a resumed run hides the events a crashed session wrote past its checkpoint
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            # purge_step: a resumed run hides the events a crashed session wrote past its checkpoint, and a fresh
+            # start (--resume none, start_step 0) all of an earlier run's in this folder, as metrics.jsonl drops them
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stdout, disable=None)  # disable=None: no bar when stdout is not a terminal
         self._last_print = 0.0
