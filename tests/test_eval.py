@@ -72,6 +72,52 @@ def test_too_long_question_is_counted_not_a_crash(tmp_path):
     assert sum(not p["too_long"] for p in preds) == len(preds) - 1  # every other caption and question was decoded
 
 
+def test_question_types_whose_names_slug_alike_keep_their_own_metric_keys():
+    """"what color" (2 of 2 right) and "what-color" (0 of 1) slug to the same key; each keeps its own number."""
+    from vlm_dist.infer.evaluate import score
+
+    def qa(kind, prediction):
+        return {"key": kind + prediction, "question": "?", "type": kind, "prediction": prediction, "refs": ["red"],
+                "answers": [], "too_long": False}
+
+    m = score([qa("what color", "red"), qa("what color", "red"), qa("what-color", "blue")], meteor=False, java=False)
+    assert m["by_type"]["what color"]["exact_match"] == 1.0 and m["by_type"]["what-color"]["exact_match"] == 0.0
+    assert m["qa_accuracy_what_color"] == 1.0 and m["qa_accuracy_what_color_2"] == 0.0  # sorted names: " " < "-"
+
+
+def test_decode_tokens_per_s_counts_the_tokens_decoded(tmp_path, monkeypatch):
+    """A row cut at its token budget decoded no end token: decode_tokens_per_s counts each row's ids plus the end
+    token of a row that ended before its budget (over a clock that reads 0 then 1 s), not one more per row."""
+    import itertools
+    import types
+
+    import vlm_dist.infer.evaluate as ev
+    import vlm_dist.infer.generate as gen
+    from tests.helpers import make_demo_shards
+    from vlm_dist.text import get_tokenizer
+
+    shards = make_demo_shards(tmp_path, n_train=1, n_val=6, shard_size=6) / "val"
+    torch.manual_seed(0)
+    model = VLM(load_config("tiny").model).eval()
+    with torch.no_grad():  # the end token likelier than a random model makes it, so that some rows end early
+        model.lm_head.weight[get_tokenizer().eos_id] *= 40
+    decoded, cut, rows, plain = [0], [0], [0], gen.generate
+
+    def counting(model, images, prompts, max_new_tokens=32, **kw):
+        outs = plain(model, images, prompts, max_new_tokens=max_new_tokens, **kw)
+        decoded[0] += sum(len(ids) + (len(ids) < max_new_tokens) for ids in outs)
+        cut[0] += sum(len(ids) == max_new_tokens for ids in outs)
+        rows[0] += len(outs)
+        return outs
+
+    monkeypatch.setattr(gen, "generate", counting)
+    clock = itertools.count()
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    m = evaluate_generation(model, str(shards), max_new_tokens=6, progress=False, java=False)["metrics"]
+    assert m["decode_tokens_per_s"] == decoded[0]
+    assert 0 < cut[0] < rows[0]  # rows cut (the old count added a token each) and rows that ended
+
+
 def test_eval_of_a_model_in_training_rebuilds_its_argmax_table_once(tmp_path, monkeypatch):
     """The trainer's generation eval decodes a model in training mode, whose weights ZeRO wrote through
     .data: evaluate_generation drops the decode caches once, decodes every batch in eval mode with the

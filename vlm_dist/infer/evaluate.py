@@ -184,7 +184,7 @@ def evaluate_generation(model, shards: str, limit: int | None = None, batch_size
                 outs = generate(model, images, [t["prompt"] for t in chunk], max_new_tokens=budget, static=static)
             for t, ids in zip(chunk, outs):
                 t["prediction"] = tok.decode(ids)
-                n_tokens += len(ids) + 1  # + the end token (or the cut)
+                n_tokens += len(ids) + (len(ids) < budget)  # + the end token a row shorter than its budget decoded
     seconds = time.perf_counter() - t0
     metrics = score(tasks, meteor=meteor, java=java)
     metrics["decode_tokens_per_s"] = n_tokens / max(seconds, 1e-9)
@@ -223,9 +223,14 @@ def score(tasks: list[dict], meteor: bool = True, java: bool | None = None) -> d
         entry["exact"].append(t["exact_match"])
         if t["vqa_accuracy"] is not None:
             entry["vqa"].append(t["vqa_accuracy"])
-    m["by_type"] = {}
+    m["by_type"], slugs = {}, set()
     for name, entry in sorted(by_type.items()):
-        slug = re.sub(r"\W+", "_", name).strip("_")
+        slug = base = re.sub(r"\W+", "_", name).strip("_")
+        n = 1
+        while slug in slugs:  # "what color" and "what-color": two types, two keys (by_type holds the names)
+            n += 1
+            slug = f"{base}_{n}"
+        slugs.add(slug)
         m[f"qa_accuracy_{slug}"] = mean(entry["exact"])
         m["by_type"][name] = {"questions": entry["questions"], "exact_match": mean(entry["exact"])}
         if entry["vqa"]:
