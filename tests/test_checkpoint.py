@@ -145,6 +145,21 @@ def test_a_fresh_start_sets_aside_an_old_runs_interrupted_saves_too(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["best", "step2", "step4"]  # the old run's, kept
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("basic_ios::clear: iostream error")])
+def test_a_save_that_cannot_write_is_a_checkpoint_error_and_keeps_the_published_tags(tmp_path, error):
+    """A full disk mid-save (torch.save raises RuntimeError there, file writes OSError): a CheckpointError (the
+    trainer's one-line exit 2) naming the tag, the folder, the cause and the free space; step2 and `latest` stand."""
+    class FullDisk(FileEngine):
+        def save(self, ckpt_dir, tag, client_state):
+            (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+            raise error
+
+    save(tmp_path, "step2", 2)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint step4 into .*\.tmp-step4: .*GiB free there"):
+        ckpt.save(FullDisk(), tmp_path, "step4", ckpt.TrainState(step=4), {"c": 1}, {"world_size": 1}, 1)
+    assert ckpt.resolve_resume("auto", tmp_path).tag == "step2" and (tmp_path / "latest").read_text() == "step2"
+
+
 def test_prune_keeps_the_newest_step_and_epoch_tags(tmp_path):
     for s in (2, 4, 6):
         save(tmp_path, f"step{s}", s)

@@ -45,7 +45,7 @@ TMP, OLD = ".tmp-", ".old-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as asked (incomplete, or made by a run of another shape)."""
+    """A checkpoint that cannot be used as asked (incomplete, made by a run of another shape) or written."""
 
 
 @dataclass
@@ -103,8 +103,13 @@ def save(engine, ckpt_dir: Path, tag: str, state: TrainState, config: dict, shap
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of the same tag
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save(ckpt_dir, tmp.name, {"train_state": asdict(state), "config": config})
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    try:
+        engine.save(ckpt_dir, tmp.name, {"train_state": asdict(state), "config": config})
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as err:  # a full disk or quota: torch.save raises "iostream error" (RuntimeError)
+        raise CheckpointError(f"rank {rank} could not write checkpoint {tag} into {tmp}: {err} ({_free(ckpt_dir)}). "
+                              f"The tags already published are intact: make room (or lower train.keep_last) and "
+                              f"continue with --resume auto") from err
     _fault("saved", rank, tag)
     barrier()
     problem = None
@@ -127,6 +132,14 @@ def save(engine, ckpt_dir: Path, tag: str, state: TrainState, config: dict, shap
         if latest:
             write_atomic(ckpt_dir / "latest", tag)
     barrier()
+
+
+def _free(path: Path) -> str:
+    """'N GiB free on the filesystem of path', for errors about writing there."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free there"
+    except OSError as err:
+        return f"free space unknown: {err.strerror}"
 
 
 def _publish(ckpt_dir: Path, tag: str, fault=lambda: None) -> None:
