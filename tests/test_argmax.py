@@ -143,6 +143,31 @@ def test_fused_heads_equal_the_extra_heads(B):
     torch.testing.assert_close(cache.v[:, :, :, :S], ref_cache.v[:, :, :, :S], atol=1e-5, rtol=1e-5)
 
 
+def test_fused_heads_equal_the_extra_heads_after_a_ragged_crop():
+    """As above, in the state speculative decoding calls them in: a prompt prefilled, rows cropped back to different
+    lengths (rejected drafts), then T more tokens fed; each head's state at each row's own position, with its
+    attention over that row's keys only, and the keys and values written at each row's positions."""
+    model, B, T = model_tiny(), 3, 4
+    P = model.n_image_tokens
+    images = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(1, 1000, (B, 6), generator=torch.Generator().manual_seed(2))
+    new = torch.randint(1, 1000, (B, T), generator=torch.Generator().manual_seed(3))
+    lengths, at = [P + 6, P + 3, P + 1], torch.tensor([T - 1, 1, 0])
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(B), model.new_cache(B)
+        for c in (ref_cache, cache):
+            model.step_states(prompt, c, images=images)
+            c.crop(lengths)  # stale keys stay past each row's length: they must stay unseen
+        ref = model.step_states(new, ref_cache)[1:]  # ExtraHeads through the ragged cache, (B, T, D) per head
+        h = model.fed_states(new, cache)
+        got = FusedHeads(model.extra_heads)(h, cache, model.cfg.n_layers, at)  # (m, B, D)
+    for k in range(len(ref)):
+        torch.testing.assert_close(got[k], ref[k][torch.arange(B), at], atol=1e-5, rtol=1e-5)
+    for b, n in enumerate(lengths):  # every layer's keys and values up to the T new ones
+        torch.testing.assert_close(cache.k[:, b, :, : n + T], ref_cache.k[:, b, :, : n + T], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.v[:, b, :, : n + T], ref_cache.v[:, b, :, : n + T], atol=1e-5, rtol=1e-5)
+
+
 def test_decoding_sees_weights_updated_through_data():
     """DeepSpeed's ZeRO optimizer writes the weights through `.data` (same storage, no version bump): a
     decode after such an update must not use the argmax table built from the old weights."""

@@ -118,6 +118,7 @@ def test_vqa_v2_joined_and_every_unit_accounted(tmp_path):
     imgs = tmp_path / "val2014"
     for i in (1, 2, 5):
         put(imgs, f"COCO_val2014_{i:012d}.jpg", encode(photo(i)))
+    put(imgs, "COCO_val2014_000000000006.jpg", b"not an image")  # its question must be counted as rejected
     caps = dump(tmp_path / "caps.json", coco_captions(
         [(1, "COCO_val2014_000000000001.jpg"), (2, "COCO_val2014_000000000002.jpg")], [(1, "a cup"), (2, "a pen")]))
     qs = dump(tmp_path / "q.json", {"questions": [
@@ -128,15 +129,16 @@ def test_vqa_v2_joined_and_every_unit_accounted(tmp_path):
         {"image_id": 1, "question": "no answer here?", "question_id": 11},
         {"image_id": 1, "question": "   ", "question_id": 12},
         {"image_id": 1, "question": "what is it?", "question_id": 10},  # duplicate question id
+        {"image_id": 6, "question": "what shape?", "question_id": 60},  # an image that is not one
     ]})
     answers = dump(tmp_path / "a.json", {"annotations": [
         {"question_id": q, "multiple_choice_answer": a, "answers": [{"answer": a}, {"answer": "x"}]}
-        for q, a in [(10, "cup"), (20, "blue"), (50, "two"), (990, "here"), (12, "x"), (777, "orphan")]]})
+        for q, a in [(10, "cup"), (20, "blue"), (50, "two"), (990, "here"), (12, "x"), (777, "orphan"), (60, "ball")]]})
     out = tmp_path / "out"
     summary = shard_coco(imgs, [caps], out, vqa_questions=qs, vqa_annotations=answers, **quiet())
     assert summary["rejects_by_reason"] == {"duplicate_question": 1, "empty_question": 1, "no_answer": 1,
-                                            "unknown_image_id": 1, "unknown_question_id": 1}
-    assert (summary["qa_read"], summary["qa"], summary["captions"]) == (8, 3, 2)
+                                            "unknown_image_id": 1, "unknown_question_id": 1, "unreadable_image": 1}
+    assert (summary["qa_read"], summary["qa"], summary["captions"]) == (9, 3, 2)
     assert summary["captions"] + summary["qa"] + summary["rejected"] == summary["annotations_read"]
     samples = read_tars(out)
     meta1 = json.loads(samples["000000000001"]["json"])
@@ -145,6 +147,8 @@ def test_vqa_v2_joined_and_every_unit_accounted(tmp_path):
     assert json.loads(samples["000000000005"]["json"])["qa"][0]["answer"] == "two"
     lines = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert len(lines) == summary["rejected"] and all(r["reason"] and r["source"] for r in lines)
+    assert [r["question_id"] for r in lines if r["kind"] == "qa" and r["reason"] == "unreadable_image"] == [60]
+    assert "000000000006" not in samples
 
 
 def bad_inputs(tmp_path: Path) -> tuple[Path, Path]:
