@@ -101,12 +101,12 @@ def one_rank(monkeypatch, tmp_path):
     return make_demo_shards(tmp_path / "data", n_train=32, n_val=8)
 
 
-def run(shards, run_dir, make_engine=Engine, stop_after=None, extra=()):
+def run(shards, run_dir, make_engine=Engine, stop_after=None, extra=(), ds=()):
     cfg = load_config("tiny", [f"data.train_shards={shards / 'train'}", "train.max_steps=6", "train.save_every=3",
                                "log.grad_stats_every=2", "log.tensorboard=false", *extra])
     opts = RunOptions(ds="ds_configs/zero2.json", run_dir=str(run_dir), stop_after=stop_after,
                       ds_overrides=["bf16.enabled=false", "optimizer.params.lr=0.002", "train_micro_batch_size_per_gpu=4",
-                                    "scheduler.params.warmup_num_steps=2"])
+                                    "scheduler.params.warmup_num_steps=2", *ds])
     return train(cfg, opts, make_engine=make_engine)
 
 
@@ -287,3 +287,41 @@ def test_a_fresh_start_in_a_used_run_dir_hides_the_old_runs_tensorboard_curves(o
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_a_learning_rate_changed_on_resume_applies_from_the_first_resumed_step(one_rank, tmp_path):
+    """DeepSpeed's engine, one rank: stopped at step 3 with lr 0.002 and resumed with 0.02, the run trains step 4 at
+    the rate a fresh 0.02 run has there (the loaded optimizer's groups held the old run's, and the scheduler
+    writes the new one only after a step)."""
+    def lrs(path):
+        return {m["step"]: m["lr"] for m in metrics(path)}
+
+    fresh = ["optimizer.params.lr=0.02"]
+    run(one_rank, tmp_path / "fresh", extra=["log.log_every=1"], ds=fresh)
+    run(one_rank, tmp_path / "resumed", stop_after=3, extra=["log.log_every=1"])
+    run(one_rank, tmp_path / "resumed", extra=["log.log_every=1"], ds=fresh)
+    want, got = lrs(tmp_path / "fresh"), lrs(tmp_path / "resumed")
+    assert got[3] != want[3] and all(got[s] == want[s] for s in (4, 5, 6)), (got, want)
+
+
+def test_a_second_job_in_a_run_folder_in_use_is_refused(one_rank, tmp_path):
+    """While a job holds RUN/.lock, another training in that folder stops with a ConfigError (exit 2) naming the
+    holder, before it touches checkpoints/; the lock is given back when a run ends, and when its setup fails."""
+    from vlm_dist.config import ConfigError
+    from vlm_dist.train.checkpoint import CheckpointError
+    from vlm_dist.train.dist import DistInfo
+    from vlm_dist.train.runlock import hold_run_dir, release
+
+    rank0 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    held, _ = hold_run_dir(tmp_path / "run", rank0)
+    with pytest.raises(ConfigError, match=r"in use by another training job \(pid \d+ on .*, since "):
+        run(one_rank, tmp_path / "run", TorchEngine)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    release(held)
+    run(one_rank, tmp_path / "run", TorchEngine, stop_after=3)
+    with pytest.raises(CheckpointError, match="another shape") as failed:  # setup fails after taking the lock
+        run(one_rank, tmp_path / "run", TorchEngine, ds=["train_micro_batch_size_per_gpu=64"])
+    again, _ = hold_run_dir(tmp_path / "run", rank0)  # free: both runs gave it back (the failed one's frames live on)
+    assert failed.traceback
+    assert again is not None
+    release(again)

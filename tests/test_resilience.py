@@ -129,12 +129,15 @@ def _job_processes(run: Path) -> list[str]:
     return [line for line in ps.splitlines() if str(run) in line and "ps -eo" not in line]
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_elastic_resume_on_another_world_size(shards, tmp_path, before, after):
+@pytest.mark.parametrize("before,after,stage", [(2, 1, 2), (1, 2, 2), (1, 2, 3)])
+def test_elastic_resume_on_another_world_size(shards, tmp_path, before, after, stage):
     """Same 2 data streams and global batch 8 either way: 2 ranks x 1 worker x micro 4, or 1 rank x 2
-    workers x micro 4 x accumulation 2. Stopped after 5 steps, continued on the other world size."""
-    split = {2: ["--set", "data.num_workers=1"],
-             1: ["--set", "data.num_workers=2", "--ds-set", "gradient_accumulation_steps=2"]}
+    workers x micro 4 x accumulation 2. Stopped after 5 steps, continued on the other world size. ZeRO-3's
+    universal load tied the sub-groups' Adam step counters and gave every param group group 0's weight decay
+    (Engine._untie_zero3_steps, Engine.replan): both fail this test."""
+    zero = ["--ds-set", f"zero_optimization.stage={stage}"]
+    split = {2: ["--set", "data.num_workers=1", *zero],
+             1: ["--set", "data.num_workers=2", "--ds-set", "gradient_accumulation_steps=2", *zero]}
     ref = tmp_path / "ref"
     run_ranks(common(shards, ref, *split[before]), before)
     run = tmp_path / "run"

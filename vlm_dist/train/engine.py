@@ -93,6 +93,9 @@ def build_engine(model: nn.Module, ds: dict):
     return engine
 
 
+PLANNED = ("lr", "weight_decay", "betas", "eps")  # optimizer hyperparameters a resumed run takes from its config
+
+
 class Engine:
     """A DeepSpeed engine behind the handful of calls the training loop makes."""
 
@@ -146,11 +149,51 @@ class Engine:
         self._ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
+        """Load `tag`; the optimizer goes on with this run's hyperparameters (`replan`)."""
+        groups = self._optimizer_groups()
+        planned = [{k: g[k] for k in PLANNED if k in g} for g in groups]  # as the config built them
         path, client = self._ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
                                                 load_lr_scheduler_states=load_optimizer)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        if load_optimizer:
+            self._untie_zero3_steps()
+            self.replan(groups, planned)
         return client or {}
+
+    def _untie_zero3_steps(self) -> None:
+        """DeepSpeed 0.19.8's ZeRO-3 universal load (--elastic; stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        gives every sub-group's Adam state ONE `step` tensor; torch's AdamW adds 1 to it in place at each sub-group's
+        step, so bias correction ran S times too fast (S sub-groups: 2 here) and the losses drifted from the
+        uninterrupted run's (9.5e-3 at the first resumed step of the test run, growing). Each gets its own copy
+        again (same value). Nothing to do under ZeRO-1/2 or after a plain load, where they are distinct."""
+        zero, seen = self._ds.optimizer, set()
+        for flat in getattr(zero, "fp32_partitioned_groups_flat", None) or ():
+            state = zero.optimizer.state.get(flat, {})
+            if torch.is_tensor(state.get("step")):
+                if id(state["step"]) in seen:
+                    state["step"] = state["step"].clone()
+                seen.add(id(state["step"]))
+
+    def _optimizer_groups(self) -> list[dict]:
+        """The param groups the optimizer steps with (under ZeRO, those of the optimizer it wraps)."""
+        opt = self._ds.optimizer
+        return getattr(opt, "optimizer", opt).param_groups
+
+    def replan(self, groups: list[dict], planned: list[dict]) -> None:
+        """After a load: each group's learning rate, weight decay, betas and eps as this run's config built them,
+        the learning rate as the scheduler gives it for the restored step. The optimizer's saved groups would otherwise
+        win: a learning rate changed on resume took effect one step late (the scheduler writes it only after
+        the next step) and weight decay, betas and eps never; and DeepSpeed's ZeRO-3 universal load (--elastic)
+        copies group 0's values onto every group, weight-decaying biases and norms from then on. With
+        unchanged settings every value is the one loaded, to the bit."""
+        if len(groups) != len(planned):
+            raise RuntimeError(f"the loaded optimizer has {len(groups)} param groups, this run {len(planned)}")
+        for group, values in zip(groups, planned):
+            group.update(values)
+        sched = self._ds.lr_scheduler
+        if hasattr(sched, "last_batch_iteration"):  # DeepSpeed's schedulers: step(i) sets iteration i's rates
+            sched.step(sched.last_batch_iteration)
 
 
 def to_universal(tag_dir: Path, out_dir: Path) -> None:

@@ -32,6 +32,7 @@ from vlm_dist.train import checkpoint as ckpt
 from vlm_dist.train.dist import all_reduce_sum, all_reduce_sum_host, barrier
 from vlm_dist.train.engine import Engine
 from vlm_dist.train.preempt import EXIT_PREEMPTED
+from vlm_dist.train.runlock import release
 from vlm_dist.train.setup import Run, RunOptions, setup
 
 __all__ = ["RunOptions", "train", "NonFiniteStop", "Preempted"]
@@ -344,5 +345,6 @@ def train(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> dict:
     finally:
         run.stop.close()
         run.log.close()
+        release(run.lock)
     return {"state": asdict(run.state), "seconds": time.time() - started, "total_steps": run.total_steps,
             "stopped_early": run.state.step < run.total_steps}

@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -30,6 +31,7 @@ from vlm_dist.train.dist import DistInfo, barrier
 from vlm_dist.train.dsconfig import batch_geometry, load_ds_config, precision, resolve_schedule
 from vlm_dist.train.engine import Engine, init_distributed, to_universal
 from vlm_dist.train.preempt import StopRequest
+from vlm_dist.train.runlock import hold_run_dir, release
 from vlm_dist.train.weights import fetch_once
 
 
@@ -69,6 +71,7 @@ class Run:
     peak_flops: float | None  # the device's bf16 peak, for MFU (None on the CPU)
     samples_dir: Path | None = None  # log.sample_keys: RUN/samples/rank{R}.jsonl
     poison: set[int] = field(default_factory=set)  # test hook: steps whose first micro-batch gets NaN images
+    lock: IO | None = None  # rank 0: the run folder's lock (train/runlock.py), released when train() ends
 
 
 def _poisoned_steps(rank: int) -> set[int]:
@@ -142,8 +145,22 @@ def _check_feature_shards(shards: list, val_shards: list, cfg: RunConfig, model:
 
 
 def setup(cfg: RunConfig, opts: RunOptions, make_engine=Engine) -> Run:
-    """`make_engine(model, ds)`: the engine adapter (train/engine.py), or a stand-in with its methods."""
+    """`make_engine(model, ds)`: the engine adapter (train/engine.py), or a stand-in with its methods. Rank 0
+    holds the run folder's lock (train/runlock.py) from here until `train` ends, or until setup fails."""
     info = init_distributed()
+    lock, note = hold_run_dir(Path(opts.run_dir), info)
+    try:
+        run = _build(cfg, opts, make_engine, info)
+    except BaseException:
+        release(lock)
+        raise
+    if note:
+        run.log.info(note)
+    run.lock = lock
+    return run
+
+
+def _build(cfg: RunConfig, opts: RunOptions, make_engine, info: DistInfo) -> Run:
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is not set: pass --train-shards DIR_OR_PATTERN (see `vlm-dist shard-coco`)")
     ds = load_ds_config(opts.ds, opts.ds_overrides)
