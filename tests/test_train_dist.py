@@ -61,6 +61,16 @@ def test_one_rank_equals_two_ranks(runs):
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
     assert one[STEPS] < one[1]  # and it trains
+    # the gradient too, not only the losses: clipped AdamW takes the same steps from gradients twice as large, so a
+    # sum of the ranks' gradients where their mean belongs would leave every loss equal (found by mutation testing)
+    assert_same_grad_norms(runs["one_rank"], runs["two_ranks"])
+
+
+def assert_same_grad_norms(a, b, tol=1e-5):
+    na, nb = ({m["step"]: m["grad_norm"] for m in metrics(run) if "grad_norm" in m} for run in (a, b))
+    assert len(na) == STEPS and na.keys() == nb.keys(), (na, nb)
+    for step in na:
+        assert abs(na[step] - nb[step]) <= tol * na[step], (step, na[step], nb[step])
 
 
 def test_generation_eval_during_training(runs):
@@ -79,6 +89,7 @@ def test_zero_stages_agree(runs):
         other = losses(runs[f"zero{stage}"])
         for step in ref:
             assert abs(ref[step] - other[step]) <= 1e-5, (stage, step, ref[step], other[step])
+        assert_same_grad_norms(runs["zero2"], runs[f"zero{stage}"])
 
 
 def test_resume_equals_uninterrupted(runs):
