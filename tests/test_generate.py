@@ -62,6 +62,43 @@ def test_sampling_is_seeded_and_top_p_one_token_is_greedy():
     assert tiny_p == greedy  # a nucleus of one token is the argmax
 
 
+def full_sort_nucleus(logits, temperature, top_p):
+    """sampling_probs as it was before round 12: a sort of every row over the whole vocabulary."""
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(dim=-1) - sorted_p > top_p, 0.0)
+    probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def test_top_p_sorts_only_candidates_and_equals_the_full_sort(monkeypatch):
+    """sampling_probs' nucleus from each row's top-k candidates equals the full sort's to the bit: peaked rows
+    (few candidates), flat rows (the full sort), a batch mixing both (each group its own way), 3-D input, a
+    nucleus of one token, and top_p next to 1."""
+    import vlm_dist.infer.generate as gen
+
+    calls = []  # (rows, k) of every cut_rows call
+    cut_rows = gen.cut_rows
+    monkeypatch.setattr(gen, "cut_rows", lambda probs, top_p, k: calls.append((probs.shape[0], k)) or cut_rows(probs, top_p, k))
+    V, g = tok.vocab_size, torch.Generator().manual_seed(0)
+    peaked = torch.randn(6, V, generator=g) * 8  # softmax at T 0.7: a few hundred tokens hold nearly all mass
+    flat = torch.randn(2, V, generator=g) * 0.1
+    cases = [(peaked, 0.7, p) for p in (1e-9, 0.3, 0.9, 0.99, 0.999999)]
+    cases += [(flat, 1.0, 0.9), (torch.cat([peaked[:2], flat[:1]]), 0.7, 0.9), (peaked.view(2, 3, V), 0.7, 0.9)]
+    for logits, t, p in cases:
+        calls.clear()
+        assert torch.equal(gen.sampling_probs(logits, t, p), full_sort_nucleus(logits, t, p)), (t, p)
+        if p == 0.9 and t == 0.7:  # the peaked rows took the candidates' path, the flat one the full sort
+            assert all(k < V // 10 for _, k in calls[:1]) and calls[1:] in ([], [(1, V)]), calls
+        if t == 1.0:
+            assert calls == [(2, V)], calls
+    # top_p 1 - 1e-8 is 1.0 in fp32: nothing is cut, yet tokens under 1e-8 / 2V are not candidates; their mass
+    # never passes top_p, so the check in cut_rows sends the rows to the full sort (without it they are dropped)
+    calls.clear()
+    assert torch.equal(gen.sampling_probs(peaked, 0.7, 1 - 1e-8), full_sort_nucleus(peaked, 0.7, 1 - 1e-8))
+    assert calls and calls[0][1] < V, calls
+
+
 def test_generate_text_decodes_the_generated_ids():
     model, images = model_and_images(B=2)
     texts = generate_text(model, images, [None, "what colour?"], max_new_tokens=4)

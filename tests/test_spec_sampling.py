@@ -29,18 +29,20 @@ def damaged(model):
 
 
 @torch.no_grad()
-def exact_probability(model, image, prompt, seq) -> float:
+def exact_probability(model, image, prompt, seq, top_p=1.0) -> float:
     """The model's probability of sampling `seq` (then its end token, if shorter than K) at temperature T."""
-    probs = sampling_probs(model(image, torch.tensor([prompt + list(seq)]))["logits"][0, 0], T, 1.0)  # (L, V)
+    probs = sampling_probs(model(image, torch.tensor([prompt + list(seq)]))["logits"][0, 0], T, top_p)  # (L, V)
     chain = list(seq) + ([tok.eos_id] if len(seq) < K else [])
     return float(torch.prod(torch.stack([probs[len(prompt) - 1 + i, t] for i, t in enumerate(chain)])))
 
 
-def chi_square_p(model, image, prompt, rows) -> tuple[float, int]:
+def chi_square_p(model, image, prompt, rows, top_p=1.0) -> tuple[float, int]:
     """p-value of the observed sequence counts against the model's probabilities: every sequence expected >= 5
-    times is its own cell, the rest pooled into one; and how many cells."""
+    times is its own cell, the rest pooled into one; and how many cells. A sequence the model cannot draw
+    (outside a top-p nucleus) fails the test outright."""
     counts = collections.Counter(tuple(r) for r in rows)
-    cells = [(c, N * exact_probability(model, image, prompt, s)) for s, c in counts.items()]
+    cells = [(c, N * exact_probability(model, image, prompt, s, top_p)) for s, c in counts.items()]
+    assert all(e > 0 for _, e in cells), [s for s, c in counts.items() if exact_probability(model, image, prompt, s, top_p) == 0]
     cells = [(c, e) for c, e in cells if e >= 5]
     rest = (N - sum(c for c, _ in cells), N - sum(e for _, e in cells))
     if rest[1] >= 5:
@@ -51,32 +53,42 @@ def chi_square_p(model, image, prompt, rows) -> tuple[float, int]:
     return float(p), len(cells)
 
 
-def draw(decoder, model, image, prompt, seed=0):
+def draw(decoder, model, image, prompt, seed=0, top_p=1.0):
     g = torch.Generator().manual_seed(seed)
     rows, stats = [], []
     for _ in range(N // 300):
-        out = decoder(model, image.expand(300, -1, -1, -1), [prompt] * 300, K, temperature=T, generator=g)
+        out = decoder(model, image.expand(300, -1, -1, -1), [prompt] * 300, K, temperature=T, top_p=top_p, generator=g)
         rows += out[0] if isinstance(out, tuple) else out
         stats += [out[1]] if isinstance(out, tuple) else []
     return rows, stats
 
 
-@pytest.mark.parametrize("heads", ["trained", "damaged"])
-def test_speculative_sampling_draws_the_models_distribution(trained4, heads):  # noqa: F811
+def nucleus_cut(model, image, prompt, top_p) -> float:
+    """The mass of the model's first-token distribution that a top-p nucleus leaves out (0 at top_p 1)."""
+    with torch.no_grad():
+        logits = model(image, torch.tensor([prompt]))["logits"][0, 0, -1]
+    return 1 - float(sampling_probs(logits, T, 1.0)[sampling_probs(logits, T, top_p) > 0].sum())
+
+
+@pytest.mark.parametrize("heads,top_p", [("trained", 1.0), ("damaged", 1.0), ("trained", 0.9), ("damaged", 0.9)])
+def test_speculative_sampling_draws_the_models_distribution(trained4, heads, top_p):  # noqa: F811
     model = trained4 if heads == "trained" else damaged(trained4)
     image, prompt = class_images([1], noise=0.1, seed=3), prompt_tokens(tok)
-    rows, stats = draw(speculative_sample_batch, model, image, prompt)
-    p, cells = chi_square_p(model, image, prompt, rows)
-    assert cells >= 8 and p > 1e-3, (p, cells)
+    if top_p < 1:  # the nucleus cuts enough mass that drawing from the uncut distribution would be seen
+        assert nucleus_cut(model, image, prompt, top_p) > 0.02
+    rows, stats = draw(speculative_sample_batch, model, image, prompt, top_p=top_p)
+    p, cells = chi_square_p(model, image, prompt, rows, top_p)
+    assert cells >= (8 if top_p == 1 else 5) and p > 1e-3, (p, cells)  # a nucleus leaves fewer sequences
     kept = sum(s["accepted_per_position"][1] for s in stats) / len(stats)  # the first draft from the heads
     assert (kept > 0.7) if heads == "trained" else (kept < 0.3), kept  # both the keep and the residual path ran
 
 
-def test_plain_sampling_draws_the_models_distribution(trained4):  # noqa: F811
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_plain_sampling_draws_the_models_distribution(trained4, top_p):  # noqa: F811
     image, prompt = class_images([1], noise=0.1, seed=3), prompt_tokens(tok)
-    rows, _ = draw(generate, trained4, image, prompt)
-    p, cells = chi_square_p(trained4, image, prompt, rows)
-    assert cells >= 8 and p > 1e-3, (p, cells)
+    rows, _ = draw(generate, trained4, image, prompt, top_p=top_p)
+    p, cells = chi_square_p(trained4, image, prompt, rows, top_p)
+    assert cells >= (8 if top_p == 1 else 5) and p > 1e-3, (p, cells)  # a nucleus leaves fewer sequences
 
 
 def test_accept_keeps_what_the_model_would_draw_and_replaces_the_rest():
