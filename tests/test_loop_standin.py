@@ -325,3 +325,31 @@ def test_a_second_job_in_a_run_folder_in_use_is_refused(one_rank, tmp_path):
     assert failed.traceback
     assert again is not None
     release(again)
+
+
+def test_validation_loss_is_the_mean_over_the_real_samples(monkeypatch, tmp_path):
+    """6 validation samples in micro-batches of 4: the second batch is padded with 2 repeats, which validation
+    must leave out. Its loss equals the mean loss of the 6 samples under the step-6 weights, computed here one
+    sample at a time (no padding), and it counts 6 samples."""
+    from vlm_dist.data.loader import build_loader
+    from vlm_dist.data.samples import normalize_images
+    from vlm_dist.model import VLM
+
+    set_one_rank_env(monkeypatch)
+    shards = make_demo_shards(tmp_path / "data", n_train=32, n_val=6, shard_size=6)
+    run(shards, tmp_path / "run", TorchEngine, extra=[f"data.val_shards={shards / 'val'}", "train.eval_every=6"])
+    val = metrics(tmp_path / "run", split="val")[-1]
+    assert val["step"] == 6 and val["samples"] == 6
+
+    cfg = load_config("tiny", [f"data.train_shards={shards / 'train'}"])
+    model = VLM(cfg.model)
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "step6" / "torch_engine.pt", weights_only=False)["model"])
+    model.eval()
+    weights = torch.tensor(cfg.model.head_weights, dtype=torch.float64)
+    loader = build_loader(cfg, str(shards / "val"), rank=0, world_size=1, micro_batch=1, train=False, num_workers=0)
+    loader.set_epoch(0)
+    with torch.no_grad():
+        losses_ = [float(model(normalize_images(b["images"], cfg.model.vision.geometry["image_size"]), b["input_ids"],
+                               b["targets"])["sample_losses"].double() @ weights) for b in loader]
+    assert len(losses_) == 6
+    assert abs(val["loss"] - sum(losses_) / 6) <= 1e-5 * abs(val["loss"]), (val["loss"], losses_)
