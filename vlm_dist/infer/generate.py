@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from vlm_dist.infer.shortlist_sampling import sample_states
 from vlm_dist.infer.static import StaticSteps, graphed, session, static_default
 from vlm_dist.text import get_tokenizer, prompt_tokens
 
@@ -162,7 +163,7 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
 
         def cached_next(ids: torch.Tensor) -> torch.Tensor:
             """Feed ids (B, T); greedy: the next ids (B,) as one exact argmax matmul (VLM.greedy_ids), without
-            the (B, V) logits; sampling: the last position's logits (B, V)."""
+            the (B, V) logits; sampling: the last position's final states (B, D)."""
             nonlocal run, dev_lengths
             if static and cache.lengths[0] > 0:  # after the prefill: one fixed-shape step (every row at one length)
                 if dev_lengths is None:
@@ -174,14 +175,19 @@ def generate(model, images: torch.Tensor, prompts: list[list[int]], max_new_toke
                 dev_lengths.add_(1)
                 return nxt
             states = model.step_states(ids, cache, images=images if cache.lengths[0] == 0 else None, next_token_only=True)
-            return model.greedy_ids(states[0][:, -1]) if greedy else model.lm_head(states[0][:, -1])
+            return model.greedy_ids(states[0][:, -1]) if greedy else states[0][:, -1]
 
-        scores = cached_next(seq[:, :start]) if use_cache else None  # next ids (greedy) or logits (B, V)
+        scores = cached_next(seq[:, :start]) if use_cache else None  # next ids (greedy) or final states (B, D)
         while pos < total and not done.all():
             if not use_cache:
                 logits = model(images, seq[:, :pos])["logits"][:, 0, -1]  # (B, V), full recompute
                 scores = logits.argmax(dim=-1) if greedy else logits
-            nxt = scores if greedy else _pick(scores, temperature, top_p, generator)
+            if greedy:
+                nxt = scores
+            elif use_cache:  # exact, and on a CPU mostly without the (B, V) logits (infer/shortlist_sampling.py)
+                nxt = sample_states(model, scores, temperature, top_p, generator)
+            else:
+                nxt = _pick(scores, temperature, top_p, generator)
             generating = pos >= in_prompt_len  # rows past their prompt take the model's token
             nxt = torch.where(generating & ~done, nxt, seq[:, pos])
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
