@@ -27,9 +27,10 @@ SPECULATIVE_HELP = ("Greedy decoding drafted by the multi-token heads and verifi
                     "to 2.0-2.2x / 1.5-1.6x. "
                     "With --temperature > 0 (generate): speculative sampling, which draws from exactly the model's "
                     "distribution (each draft token kept with probability min(1, p/q), a refused one redrawn from "
-                    "the residual; the heads draw from the unembedding's shortlist); on the same CPU and model at "
-                    "temperature 0.7: 3.42 tokens per call, 1.92x / 1.83x plain sampling's tokens/s at batch 1 / 8 on "
-                    "one thread in fp32, 2.02x / 1.84x on two, 1.40-1.57x in bf16 (docs/bench/issue9_round11.md).")
+                    "the residual; the heads draw from the unembedding's shortlist). On a CPU it is slower than plain "
+                    "sampling, which since round 12 mostly skips the whole vocabulary's logits: 0.54x / 0.66x plain "
+                    "sampling's tokens/s at batch 1 / 8 on one AVX2 core, a four-head demo model at temperature 0.7 "
+                    "(docs/bench/issue9_round12.md); sample without --speculative there.")
 DEVICE_HELP = f"Where to decode: {DEVICE_CHOICES}."
 DTYPE_HELP = ("Precision to decode in: fp32 (the default: an export, stored in fp32 or bf16, decodes the same on "
               "every machine) or bf16. On a 2-core AMD EPYC with avx512_bf16, one thread, a base-width (24 x 768) "
