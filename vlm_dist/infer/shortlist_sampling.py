@@ -13,8 +13,10 @@ b = exp((U - m) / T), so the outside mass B is at most B+ = (V - K) b. Then:
   (probability w_i / (A + B+)). Otherwise the full logits of that row are computed and u - A, uniform in [0, B+),
   picks outside token j by the outside tokens' cumulative sum (probability w_j / (A + B+)), or, past B, nothing:
   the row draws again. Every token's chance per round is its weight over A + B+, so the accepted draw is
-  distributed as w / (A + B): the model's softmax, exactly. On the demo model at temperature 0.7 the full logits
-  are needed in ~0.2 % of draws.
+  distributed as w / (A + B): the model's softmax, exactly. A new round is independent of the one refused, so it
+  may use any exact sampler: the row's full logits, computed by then, draw it directly (a loose bound costs one
+  full row, never a loop of rounds). On the demo model at temperature 0.7 the full logits are needed in ~0.2 % of
+  draws.
 - top_p < 1: the nucleus is the shortest prefix of the sorted probabilities whose mass reaches top_p Z, Z = A + B
   in [A, A + B+]. A shortlist prefix decides it without B when it is kept for every such Z (mass before its last
   token <= top_p A), the next token is out for every such Z (mass before it > top_p (A + B+)), and its last token
@@ -65,29 +67,28 @@ def sample_states(model, states: torch.Tensor, temperature: float, top_p: float,
     usable = norm > TINY_NORM  # as in the certified argmax: a norm that underflowed bounds nothing
     if top_p < 1.0:
         return _nucleus(table, x, w, b, A, B_up, top_p, usable, out, full, generator)
-    todo = everything[usable]
+    rows = everything[usable]
     if not bool(usable.all()):
         out[~usable] = full(everything[~usable])
-    while todo.numel():  # rounds of the rejection draw; a row leaves once it has a token
-        u = uniform((todo.numel(),), generator, x.device, torch.float64) * (A[todo] + B_up[todo])
-        inside = u < A[todo]
-        if bool(inside.any()):
-            rows = todo[inside]
-            pick = torch.searchsorted(cdf_w[rows], u[inside, None], right=True).squeeze(1).clamp_max(K - 1)
-            out[rows] = table.ids[pick]
-        outside = ~inside
-        if not bool(outside.any()):
-            break
-        rows, v = todo[outside], u[outside] - A[todo][outside]  # v: uniform in [0, B_up) given this branch
-        weights = ((F.linear(x[rows], W).float() - m[rows, None]) / temperature).double().exp()  # (n, V)
-        weights[:, table.ids] = 0.0  # outside tokens only
-        if bool((weights > b[rows, None]).any()):  # the certificate's bound is what makes the draw exact
-            raise RuntimeError("an outside token's logit exceeds the certified bound: the shortlist table does not "
-                               "match the weights (drop_decode_caches after writing them through .data)")
-        cdf = weights.cumsum(dim=1)
-        got = v < cdf[:, -1]  # else nothing is drawn this round (probability (B_up - B) / B_up)
-        out[rows[got]] = torch.searchsorted(cdf[got], v[got, None], right=True).squeeze(1).clamp_max(V - 1)
-        todo = rows[~got]
+    u = uniform((rows.numel(),), generator, x.device, torch.float64) * (A[rows] + B_up[rows])
+    inside = u < A[rows]
+    if bool(inside.any()):
+        pick = torch.searchsorted(cdf_w[rows[inside]], u[inside, None], right=True).squeeze(1).clamp_max(K - 1)
+        out[rows[inside]] = table.ids[pick]
+    if bool(inside.all()):
+        return out
+    rows, v = rows[~inside], u[~inside] - A[rows[~inside]]  # v: uniform in [0, B_up) given this branch
+    z = F.linear(x[rows], W).float()  # these rows' full logits
+    weights = ((z - m[rows, None]) / temperature).double().exp()  # (n, V)
+    weights[:, table.ids] = 0.0  # outside tokens only
+    if bool((weights > b[rows, None]).any()):  # the certificate's bound is what makes the draw exact
+        raise RuntimeError("an outside token's logit exceeds the certified bound: the shortlist table does not "
+                           "match the weights (drop_decode_caches after writing them through .data)")
+    cdf = weights.cumsum(dim=1)
+    got = v < cdf[:, -1]  # else this round draws nothing (probability (B_up - B) / B_up)
+    out[rows[got]] = torch.searchsorted(cdf[got], v[got, None], right=True).squeeze(1).clamp_max(V - 1)
+    if not bool(got.all()):  # a new round, independent of this one: from the full logits now at hand, exactly
+        out[rows[~got]] = sample(sampling_probs(z[~got], temperature, 1.0), generator)
     return out
 
 
