@@ -68,9 +68,14 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert [r["reduce_bucket_size"] for r in buckets] == [50_000_000, res["bucket"]["trainable"]]
     assert all(r["status"] == "ok" for r in buckets) and 0 < res["bucket"]["trainable"] < 50_000_000
 
-    check = res["bucket"]["overflow_check"]  # DeepSpeed's bf16 overflow scan on and off, measured side by side
-    assert [r["variant"] for r in check] == ["check_grad_overflow on (default)", "check_grad_overflow off"]
-    assert all(r["status"] == "ok" and r["micro"] == 2 for r in check)
+    # DeepSpeed's bf16 overflow scan on and off, measured side by side: where bf16 runs (zero2.json's "auto" is fp32
+    # on a CPU without native bf16, e.g. an AVX2-only one, and then there is no scan to measure)
+    if res["env"]["bf16"]:
+        check = res["bucket"]["overflow_check"]
+        assert [r["variant"] for r in check] == ["check_grad_overflow on (default)", "check_grad_overflow off"]
+        assert all(r["status"] == "ok" and r["micro"] == 2 for r in check)
+    else:
+        assert "overflow_check" not in res["bucket"]
     opt = res["optimizer"]["rows"]  # torch AdamW foreach vs fused, at the best micro-batch
     assert [r["variant"] for r in opt] == ["torch AdamW, foreach (default)", "torch AdamW, fused=True"]
     assert all(r["status"] == "ok" and r["micro"] == buckets[0]["micro"] for r in opt)

@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), --cpu-smoke",
            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda,
            "preset": args.preset, "ds": Path(args.ds).name, "ds_set": args.ds_set, "world": info.world_size,
+           "bf16": bool(ds.get("bf16", {}).get("enabled")),  # "auto" resolved: off on a CPU without native bf16
            "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
            "command": " ".join(["python tools/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])}
     print(f"{env['device']} | torch {env['torch']} | deepspeed {env['deepspeed']} | preset {args.preset}", file=sys.stderr)
