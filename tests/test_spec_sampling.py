@@ -70,7 +70,9 @@ def nucleus_cut(model, image, prompt, top_p) -> float:
     return 1 - float(sampling_probs(logits, T, 1.0)[sampling_probs(logits, T, top_p) > 0].sum())
 
 
-@pytest.mark.parametrize("heads,top_p", [("trained", 1.0), ("damaged", 1.0), ("trained", 0.9), ("damaged", 0.9)])
+# (damaged heads at top_p 0.9 passed too, but took 72 s of CI on an AVX2-only CPU: the residual under a nucleus is
+# covered by test_the_rule_draws_p_for_truncated_p_and_q_monte_carlo, and trained heads at 0.9 refuse some drafts)
+@pytest.mark.parametrize("heads,top_p", [("trained", 1.0), ("damaged", 1.0), ("trained", 0.9)])
 def test_speculative_sampling_draws_the_models_distribution(trained4, heads, top_p):  # noqa: F811
     model = trained4 if heads == "trained" else damaged(trained4)
     image, prompt = class_images([1], noise=0.1, seed=3), prompt_tokens(tok)
