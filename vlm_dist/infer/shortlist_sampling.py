@@ -33,8 +33,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm_dist.model.argmax import TINY_NORM
-
 
 def sample_states(model, states: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> torch.Tensor:
@@ -53,10 +51,9 @@ def sample_states(model, states: torch.Tensor, temperature: float, top_p: float,
     everything = torch.arange(N, device=x.device)
     if x.device.type != "cpu" or table.radius == float("-inf"):  # a GPU, or a shortlist that is the vocabulary
         return full(everything)
-    s = F.linear(x, table.table).float()  # (N, K+1): the shortlist's logits and x . centre
-    logits = s[:, :-1]
-    norm = x.float().norm(dim=1)
-    bound = s[:, -1] + table.slack * norm  # (N,) >= every outside token's logit as the full matmul computes it
+    s = F.linear(x, table.table)  # (N, K+1): the shortlist's logits and x . centre
+    logits = s[:, :-1].float()
+    bound, usable = table.bound(x, s)  # (N,) >= every outside token's logit as the full matmul computes it
     m = logits.max(dim=1).values
     w = ((logits - m[:, None]) / temperature).double().exp()  # (N, K)
     b = ((bound - m) / temperature).double().exp()  # (N,): each outside token's weight is at most this
@@ -64,7 +61,6 @@ def sample_states(model, states: torch.Tensor, temperature: float, top_p: float,
     cdf_w = w.cumsum(dim=1)
     A, B_up = cdf_w[:, -1], (V - K) * b  # A: the shortlist's mass, as the cumulative sum that picks from it ends
     out = torch.empty(N, dtype=torch.long, device=x.device)
-    usable = norm > TINY_NORM  # as in the certified argmax: a norm that underflowed bounds nothing
     if top_p < 1.0:
         return _nucleus(table, x, w, b, A, B_up, top_p, usable, out, full, generator)
     rows = everything[usable]

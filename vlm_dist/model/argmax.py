@@ -106,6 +106,16 @@ class CertifiedArgmax:
         with torch.autocast(x.device.type, enabled=False):
             return self._argmax(x)
 
+    def bound(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) in the table's dtype and its shortlist matmul s = F.linear(x, self.table) (N, K+1) -> a bound
+        (N,), in fp32, on every outside token's logit as the full matmul computes it, and the rows it holds for
+        (N,) (the certified argmax and shortlist sampling, infer/shortlist_sampling.py, both rest on it)."""
+        # x . w_j <= x . centre + radius ||x|| for every row j outside the shortlist (+ rounding); in fp32
+        norm = (x if x.dtype == torch.float32 else x.float()).norm(dim=1)
+        # below ~1e-19 per entry the squares underflow and the norm with them (to 0 at ~1e-23), while the
+        # logits are still ordinary numbers: such rows (never a layer norm's output) take the full matmul
+        return torch.add(s[:, -1], norm, alpha=self.slack), norm > TINY_NORM
+
     def _argmax(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
@@ -115,12 +125,8 @@ class CertifiedArgmax:
         self.rows += x.shape[0]
         if self.radius == float("-inf"):
             return out
-        # x . w_j <= x . centre + radius ||x|| for every row j outside the shortlist (+ rounding); in fp32
-        norm = (x if x.dtype == torch.float32 else x.float()).norm(dim=1)
-        certified = best > torch.add(s[:, -1], norm, alpha=self.slack)  # bf16 logits meet an fp32 bound
-        # below ~1e-19 per entry the squares underflow and the norm with them (to 0 at ~1e-23), while the
-        # logits are still ordinary numbers: such rows (never a layer norm's output) take the full matmul
-        certified &= norm > TINY_NORM
+        bound, holds = self.bound(x, s)
+        certified = (best > bound) & holds  # bf16 logits meet an fp32 bound
         if not bool(certified.all()):
             bad = (~certified).nonzero().squeeze(1)
             out[bad] = unembed_argmax(x[bad], self.weight)
